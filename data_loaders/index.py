@@ -1,0 +1,130 @@
+"""The shard index: `index.json` beside a split's `.tar` shards.
+
+webdataset itself keeps no record of how many samples a shard holds; the readers need that count
+to start at any global sample index without opening earlier shards, and the hash lets a run
+refuse a shard that changed under it. So every split written by scaleyard carries this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = 1
+
+
+class DataError(RuntimeError):
+    """A dataset cannot be used as it is; the message names the file or shard and the fix."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    sha256: str
+
+
+@dataclass
+class ShardIndex:
+    builder: str
+    version: str
+    split: str
+    shards: list[ShardInfo]
+    schema: dict[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)
+    root: str = ""  # folder the index was read from; not written to the file
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def shard_url(self, shard: ShardInfo, base: str = "") -> str:
+        """Where to open a shard: `base` is a template with `{name}` (e.g. a `pipe:` command or an
+        fsspec URL for object storage); by default shards sit beside the index."""
+        if base:
+            return base.format(name=shard.name)
+        if _is_url(shard.name):
+            return shard.name
+        return str(Path(self.root) / shard.name)
+
+    def to_json(self) -> str:
+        body = {
+            "format": INDEX_FORMAT,
+            "builder": self.builder,
+            "version": self.version,
+            "split": self.split,
+            "num_samples": self.total,
+            "shards": [asdict(s) for s in self.shards],
+            "schema": self.schema,
+            "extra": self.extra,
+        }
+        return json.dumps(body, indent=1, sort_keys=True)
+
+
+def _is_url(name: str) -> bool:
+    return name.startswith("pipe:") or "://" in name
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_index(path: str | os.PathLike) -> ShardIndex:
+    """Read a split's index; `path` is the split folder or the index file itself."""
+    path = Path(path)
+    file = path / INDEX_FILE if path.is_dir() or not path.suffix else path
+    if not file.exists():
+        hint = ""
+        if path.is_dir() and any((path / d / INDEX_FILE).exists() for d in ("train", "test")):
+            hint = f" (it holds splits: point at {path}/train or {path}/test)"
+        raise DataError(
+            f"no shard index at {file}{hint}; build one with `scaleyard data build NAME --out DIR`"
+        )
+    try:
+        body = json.loads(file.read_text())
+        shards = [ShardInfo(**s) for s in body["shards"]]
+        index = ShardIndex(
+            builder=body["builder"],
+            version=body["version"],
+            split=body["split"],
+            shards=shards,
+            schema=body["schema"],
+            extra=body.get("extra", {}),
+            root=str(file.parent),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise DataError(f"{file} is not a scaleyard shard index ({err!r}); rebuild the dataset") from err
+    if not shards or index.total <= 0:
+        raise DataError(f"{file} lists no samples; rebuild the dataset")
+    return index
+
+
+def check_shards(index: ShardIndex, base: str = "", verify_hashes: bool = False) -> None:
+    """Fail at start-up, naming the shard, when a local shard is missing or (with
+    `verify_hashes`) its content differs from the index. Remote URLs are checked when read."""
+    for shard in index.shards:
+        url = index.shard_url(shard, base)
+        if _is_url(url):
+            continue
+        if not os.path.exists(url):
+            raise DataError(
+                f"shard {shard.name} listed in {index.root}/{INDEX_FILE} is missing at {url}; "
+                "restore it or rebuild the dataset"
+            )
+        if verify_hashes:
+            actual = sha256_file(url)
+            if actual != shard.sha256:
+                raise DataError(
+                    f"shard {shard.name} at {url} has sha256 {actual[:16]}..., the index says "
+                    f"{shard.sha256[:16]}...; the file changed after the index was written: "
+                    "rebuild the dataset or restore the shard"
+                )

@@ -1,0 +1,250 @@
+"""Deterministic, resumable, rank- and worker-split reading of scaleyard shards.
+
+See `order.py` for the global order. This module reads it: each DataLoader worker of each rank
+reads its lanes row by row and hands over one (possibly empty) piece per row, so the main
+process can merge the workers' pieces back into the rank's positions in increasing order.
+Bad samples keep their position (as None) so that the bookkeeping never drifts: they are
+counted, reported, and left out of the batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scaleyard.data_loaders.index import DataError, ShardIndex, check_shards
+from scaleyard.data_loaders.order import EpochOrder, OrderSpec, count_owned, lanes_of
+
+log = logging.getLogger(__name__)
+
+Decode = Callable[[dict[str, Any], int], dict[str, Any]]
+Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
+Item = tuple[int, Any, str]  # (global position, decoded sample or None, error message or "")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    seed: int = 0
+    lanes: int = 16
+    shuffle_block: int = 256
+    num_workers: int = 0
+    shard_base: str = ""  # "{name}" template for shards elsewhere (pipe:, s3://, ...); "" = beside index
+    verify_hashes: bool = False
+    max_skip_share: float = 0.01
+
+
+def read_shard(url: str, expected: int, required: tuple[str, ...]) -> Iterator[tuple[dict | None, str]]:
+    """Raw samples of one shard in tar order, exactly `expected` of them: a sample that cannot be
+    read (truncated tar, missing field) comes out as (None, reason)."""
+    problems: list[str] = []
+
+    def note(exn: Exception) -> bool:
+        problems.append(f"{type(exn).__name__}: {exn}")
+        return False  # stop reading this shard: after a tar error the stream position is unknown
+
+    produced = 0
+    try:
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=note):
+            if produced == expected:
+                break
+            produced += 1
+            missing = [f for f in required if f not in sample]
+            if missing:
+                yield None, f"sample {sample.get('__key__')} in {url} lacks field(s) {missing}"
+            else:
+                yield sample, ""
+    except Exception as exn:  # noqa: BLE001 - any read failure becomes counted skips below
+        problems.append(f"{type(exn).__name__}: {exn}")
+    if produced < expected:
+        reason = f"shard {url} ended after {produced} of {expected} samples"
+        if problems:
+            reason += f" ({problems[0]})"
+        for _ in range(expected - produced):
+            yield None, reason
+
+
+def lane_samples(
+    order: EpochOrder, lane: int, start: int, urls: list[str], required: tuple[str, ...]
+) -> Iterator[tuple[dict | None, str]]:
+    """Samples of one lane from lane position `start` on. Earlier shards are never opened; in
+    the current shard, samples before the current shuffle block are passed over undecoded."""
+    block_size = order.spec.shuffle_block
+    flat = order.lane_start(lane) + start
+    end = order.lane_start(lane) + order.lane_length(lane)
+    while flat < end:
+        slot, offset = order.locate(flat)
+        shard = order.shard_order[slot]
+        count = order.spec.counts[shard]
+        raw = read_shard(urls[shard], count, required)
+        block = offset // block_size
+        for _ in itertools.islice(raw, block * block_size):
+            pass
+        while flat < end and offset < count:
+            length = min(block_size, count - block * block_size)
+            samples = list(itertools.islice(raw, length))
+            permutation = order.block_permutation(shard, block, length)
+            for inner in range(offset - block * block_size, length):
+                if flat >= end:
+                    break
+                yield samples[permutation[inner]]
+                flat += 1
+                offset += 1
+            block += 1
+        raw.close()
+
+
+class _RowPieces(IterableDataset):
+    """What one worker of one rank produces: for every row of the global order, the decoded
+    samples of its own lanes in that row (an empty list when it owns none there)."""
+
+    def __init__(self, spec: OrderSpec, urls: list[str], required: tuple[str, ...], decode: Decode,
+                 rank: int, world_size: int, num_workers: int, start: int):
+        super().__init__()
+        self.spec, self.urls, self.required, self.decode = spec, urls, required, decode
+        self.rank, self.world_size, self.num_workers, self.start = rank, world_size, num_workers, start
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        lanes_total, total = self.spec.lanes, self.spec.total
+        lanes = lanes_of(self.rank, self.world_size, worker, max(1, self.num_workers), lanes_total)
+        epoch, first = divmod(self.start, total)
+        while True:
+            order = EpochOrder(self.spec, epoch)
+            first_row, first_lane = divmod(first, lanes_total)
+            streams = {
+                lane: lane_samples(order, lane, first_row + (lane < first_lane), self.urls, self.required)
+                for lane in lanes
+            }
+            for row in range(first_row, order.rows):
+                piece = []
+                for lane in lanes:
+                    g = row * lanes_total + lane
+                    if g < first or g >= total:
+                        continue
+                    raw, problem = next(streams[lane])
+                    position = epoch * total + g
+                    piece.append(self._decoded(raw, problem, position))
+                yield piece
+            epoch, first = epoch + 1, 0
+
+    def _decoded(self, raw: dict | None, problem: str, position: int) -> Item:
+        if raw is None:
+            return position, None, problem
+        try:
+            return position, self.decode(raw, position), ""
+        except Exception as exn:  # noqa: BLE001 - a sample that fails to decode is a counted skip
+            return position, None, f"sample {raw.get('__key__')} in {raw.get('__url__')}: {exn!r}"
+
+
+class ShardStream:
+    """The batches one rank trains on, starting at a global sample index.
+
+    Every step consumes one global batch of `batch_per_rank * world_size` positions; this rank
+    takes the positions it owns. `state_dict()` is the global index of the next unconsumed
+    position: resuming from it, with any world size that divides `lanes`, continues the same
+    global sequence.
+    """
+
+    def __init__(self, index: ShardIndex, config: StreamConfig, *, decode: Decode, collate: Collate,
+                 batch_per_rank: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 required: tuple[str, ...] | None = None):
+        if config.lanes % world_size:
+            raise DataError(
+                f"data.lanes={config.lanes} must be a multiple of the world size {world_size} "
+                "(each rank reads whole lanes); pick a lanes value that divides by every world size "
+                "you may resume on, e.g. 16 or 64"
+            )
+        if config.shuffle_block <= 0:
+            raise DataError(f"data.shuffle_block must be positive, got {config.shuffle_block}")
+        if not 0.0 <= config.max_skip_share < 1.0:
+            raise DataError(f"data.max_skip_share must be in [0, 1), got {config.max_skip_share}")
+        check_shards(index, config.shard_base, config.verify_hashes)
+        self.index, self.config = index, config
+        self.decode, self.collate = decode, collate
+        self.batch_per_rank, self.rank, self.world_size = batch_per_rank, rank, world_size
+        self.position = start
+        self.required = tuple(required if required is not None else index.schema)
+        self.spec = OrderSpec.from_index(index, config.seed, config.lanes, config.shuffle_block)
+        self.urls = [index.shard_url(s, config.shard_base) for s in index.shards]
+        self.seen = 0
+        self.skipped = 0
+        self.problems: list[str] = []
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.spec.total
+
+    @property
+    def skip_share(self) -> float:
+        return self.skipped / max(1, self.seen)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"global_index": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["global_index"])
+
+    def _items(self) -> Iterator[Item]:
+        workers = self.config.num_workers
+        pieces = _RowPieces(self.spec, self.urls, self.required, self.decode,
+                            self.rank, self.world_size, workers, self.position)
+        loader = DataLoader(pieces, batch_size=None, num_workers=workers,
+                            persistent_workers=False, multiprocessing_context="fork" if workers else None)
+        rows = iter(loader)
+        while True:
+            row: list[Item] = []
+            for _ in range(max(1, workers)):
+                row.extend(next(rows))
+            row.sort(key=lambda item: item[0])
+            yield from row
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        items = self._items()
+        total = self.spec.total
+        while True:
+            start, stop = self.position, self.position + self.global_batch
+            wanted = count_owned(start, stop, self.rank, total, self.world_size)
+            samples = []
+            for _ in range(wanted):
+                position, sample, problem = next(items)
+                if sample is None:
+                    self._skip(position, problem)
+                else:
+                    samples.append(sample)
+            self.seen += wanted
+            self.position = stop
+            if not samples:
+                raise DataError(
+                    f"rank {self.rank}: every sample of the batch at global index {start} was unreadable; "
+                    f"last problem: {self.problems[-1] if self.problems else 'unknown'}"
+                )
+            batch = self.collate(samples)
+            batch["_positions"] = (start, stop)
+            yield batch
+
+    def _skip(self, position: int, problem: str) -> None:
+        self.skipped += 1
+        if len(self.problems) < 20:
+            self.problems.append(problem)
+            log.warning("rank %d skipped global position %d: %s", self.rank, position, problem)
+
+
+def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collate: tensors are stacked, everything else is gathered into lists."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out

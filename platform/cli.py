@@ -1,0 +1,165 @@
+"""`scaleyard`: the command line (jobs, config, run, data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from scaleyard.platform.config import ConfigError, to_yaml
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from scaleyard.platform.job import registry
+
+    for name, job in sorted(registry().items()):
+        doc = (sys.modules[job.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:16s} presets: {', '.join(job.presets()) or '-':24s} {doc}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from scaleyard.platform.launch import prepare
+
+    prepared = prepare(args.job, args.overrides, args.preset, args.nproc)
+    print(to_yaml(prepared.cfg), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from scaleyard.platform.distributed import env_from_os
+    from scaleyard.platform.launch import (
+        EXIT_PREEMPTED, check_run_dir, prepare, read_summary, run_here, run_local, write_config,
+    )  # fmt: skip
+    from scaleyard.platform.trainer import Preempted
+
+    env = env_from_os()
+    world = env.world_size if env.distributed else args.nproc
+    prepared = prepare(args.job, args.overrides, args.preset, world)
+    if env.distributed:  # a rank started by torchrun or srun: the launcher already checked the folder
+        try:
+            run_here(prepared, env)
+        except Preempted as stop:
+            logging.getLogger("scaleyard").warning("%s", stop)
+            return EXIT_PREEMPTED
+        return 0
+    state = check_run_dir(prepared)
+    if state == "finished":
+        print(f"{prepared.run_dir} already finished: {json.dumps(read_summary(prepared.run_dir))}")
+        return 0
+    write_config(prepared)
+    print(f"run folder: {prepared.run_dir} ({'resuming' if state == 'resume' else 'new run'})", flush=True)
+    if args.nproc > 1:
+        return run_local(prepared, args.nproc)
+    try:
+        summary = run_here(prepared)
+    except Preempted as stop:
+        logging.getLogger("scaleyard").warning("%s", stop)
+        return EXIT_PREEMPTED
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from scaleyard.data_loaders.builders import build
+
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("") else value
+    written = build(args.name, args.out, shard_size=args.shard_size, limit=args.limit,
+                    overwrite=args.overwrite, **options)
+    for split, index in written.items():
+        print(f"{args.out}/{split}: {index.total} samples in {len(index.shards)} shards")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from scaleyard.data_loaders.index import INDEX_FILE, check_shards, load_index
+
+    root = Path(args.dir)
+    folders = [root] if (root / INDEX_FILE).exists() else sorted(p.parent for p in root.glob(f"*/{INDEX_FILE}"))
+    if not folders:
+        load_index(root)  # raises the explanatory error
+    for folder in folders:
+        index = load_index(folder)
+        check_shards(index, verify_hashes=args.verify)
+        print(f"{folder}: builder={index.builder} v{index.version} split={index.split} "
+              f"samples={index.total} shards={len(index.shards)}{' (hashes verified)' if args.verify else ''}")
+        for name, kind in index.schema.items():
+            print(f"  {name}: {kind}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("jobs", help="list registered jobs").set_defaults(func=cmd_jobs)
+
+    def job_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("job")
+        p.add_argument("overrides", nargs="*", help="OmegaConf dotlist, e.g. optim.lr=3e-4 train.steps=100")
+        p.add_argument("--preset", default=None, help="YAML preset beside the job (default: 'default')")
+        p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU)")
+        p.set_defaults(func=func)
+        return p
+
+    job_command("config", "print the resolved config", cmd_config)
+    job_command("run", "run a job here (or as --nproc local processes)", cmd_run)
+
+    data = sub.add_parser("data", help="build and inspect WebDataset shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    b = data_sub.add_parser("build", help="build a dataset's shards from its real source")
+    b.add_argument("name")
+    b.add_argument("--out", required=True)
+    b.add_argument("--shard-size", type=int, default=1000)
+    b.add_argument("--limit", type=int, default=None, help="at most this many samples per split")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--option", action="append", default=[], help="builder option KEY=VALUE, e.g. resolution=64")
+    b.set_defaults(func=cmd_data_build)
+    i = data_sub.add_parser("info", help="describe a dataset folder")
+    i.add_argument("dir")
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    i.set_defaults(func=cmd_data_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    parser = build_parser()
+    # Overrides may come before or after options (`run classify --nproc 2 optim.lr=1e-3`);
+    # argparse's intermixed mode does not work with subcommands, so collect the leftovers here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # the clear, named errors of the data and job layers
+        from scaleyard.data_loaders.index import DataError
+        from scaleyard.platform.job import UnknownJobError
+
+        if isinstance(err, DataError | UnknownJobError | ValueError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Engines: single process, DDP; DeepSpeed and megatron-core implement the same interface."""
+
+from scaleyard.platform.engines.base import ENGINES, DDPEngine, Engine, make_engine
+
+__all__ = ["ENGINES", "DDPEngine", "Engine", "make_engine"]

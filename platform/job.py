@@ -1,0 +1,142 @@
+"""The Job protocol and registry (DESIGN.md, "The Job protocol").
+
+A job is a recipe: its Config, how to build its parts, the math of one training step, its
+evaluation, and its FLOPs per sample. The platform owns everything else (loop, engines,
+checkpoints, launch, metrics). Jobs are found by scanning `scaleyard.jobs.*` for a module-level
+`JOB` and through the `scaleyard.jobs` entry-point group, so research code outside this
+repository registers the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass
+class Context:
+    """What a job may know about where it runs."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    run_dir: Path
+    generator: torch.Generator  # seeded from run.seed, identical on every rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class JobParts:
+    """What `build` returns.
+
+    model: every trainable module (several -> an nn.ModuleDict); the engine wraps it.
+    frozen: modules used but never trained (a DPO reference model, a text encoder, a property
+        predictor); the engine places them (and may shard them) but never steps them.
+    train_data: an iterable of batches with `state_dict()/load_state_dict()` (a ShardStream), so
+        the platform can save and restore its position.
+    param_groups: optional function of the model returning AdamW parameter groups (dicts with
+        "params" and any per-group options); default: weight decay on matrices only.
+    """
+
+    model: nn.Module | None = None
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+    train_data: Iterable[Any] | None = None
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, C, H, W] in [0, 1]
+    text: dict[str, str] = field(default_factory=dict)
+
+
+class Job:
+    """Base class of every job. Training jobs implement `build`, `train_step`, `evaluate` and
+    `flops_per_sample`; sampling-only jobs set `trains = False` and implement `sample`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    trains: ClassVar[bool] = True
+
+    def check(self, cfg: DictConfig, world_size: int) -> None:
+        """Job-specific config checks beyond field metadata; raise ConfigError."""
+
+    def build(self, cfg: DictConfig, ctx: Context) -> JobParts:
+        raise NotImplementedError
+
+    def train_step(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Loss (a scalar tensor, mean over the batch) and metrics for one micro-batch. `model` is
+        the engine-wrapped module: calling it is what lets DDP/ZeRO hook the backward."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, step: int) -> EvalResult:
+        """Runs on rank 0 with the unwrapped model (its EMA copy when train.ema_decay > 0)."""
+        return EvalResult()
+
+    def sample(self, cfg: DictConfig, ctx: Context) -> dict[str, float]:
+        """Sampling-only jobs: load a checkpoint and generate; returns summary metrics."""
+        raise NotImplementedError
+
+    @staticmethod
+    def flops_per_sample(cfg: DictConfig) -> float:
+        """Model FLOPs of one training sample, forward + backward (0 if unknown)."""
+        return 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    @classmethod
+    def presets_dir(cls) -> Path:
+        module = importlib.import_module(cls.__module__)
+        return Path(module.__file__).parent / "presets"
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        folder = cls.presets_dir()
+        return sorted(p.stem for p in folder.glob("*.yaml")) if folder.exists() else []
+
+
+class UnknownJobError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def registry() -> dict[str, type[Job]]:
+    """All jobs: `scaleyard.jobs.<name>.job.JOB` plus entry points in group `scaleyard.jobs`."""
+    jobs: dict[str, type[Job]] = {}
+    package = importlib.import_module("scaleyard.jobs")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.ispkg:
+            continue
+        module = importlib.import_module(f"scaleyard.jobs.{info.name}.job")
+        job = getattr(module, "JOB", None)
+        if job is not None:
+            jobs[job.name] = job
+    for entry in importlib.metadata.entry_points(group="scaleyard.jobs"):
+        job = entry.load()
+        jobs[job.name] = job
+    return jobs
+
+
+def get_job(name: str) -> type[Job]:
+    jobs = registry()
+    if name not in jobs:
+        raise UnknownJobError(f"unknown job {name!r}; registered jobs: {', '.join(sorted(jobs))}")
+    return jobs[name]

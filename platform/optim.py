@@ -1,0 +1,71 @@
+"""AdamW with parameter groups, warmup + decay schedules, and an EMA of the weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and convolution kernels; leave biases, norms and embeddings' 1-D params."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: DictConfig) -> torch.optim.Optimizer:
+    # foreach=False keeps the update order fixed per parameter, part of bitwise-exact resume.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, foreach=False)
+
+
+def lr_factor(step: int, total: int, cfg: DictConfig) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then
+    cosine / linear decay to `min_lr_ratio`, or constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: DictConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (kept in fp32)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for ema_param, param in zip(self.shadow.parameters(), module.parameters()):
+            ema_param.lerp_(param.detach(), 1.0 - self.decay)
+        for ema_buf, buf in zip(self.shadow.buffers(), module.buffers()):
+            ema_buf.copy_(buf)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.shadow.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow.load_state_dict(state)

@@ -1,0 +1,279 @@
+"""The one training loop every job runs through (DESIGN.md, "The Trainer and engines")."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from scaleyard.platform.checkpoint import Checkpointer, capture_rng, restore_rng, weights_sha256
+from scaleyard.platform.config import to_yaml
+from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device
+from scaleyard.platform.engines import make_engine
+from scaleyard.platform.job import Context, EvalResult, Job
+from scaleyard.platform.metrics import MetricsWriter, Progress, memory_gb, peak_tflops
+from scaleyard.platform.optim import EMA, default_param_groups, make_optimizer, make_scheduler
+
+log = logging.getLogger("scaleyard")
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's --signal and the time-limit TERM
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Preempted(Exception):
+    """The run checkpointed and stopped on a signal; the launcher requeues it."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("received %s: will checkpoint after the current step and stop", signal.Signals(signum).name)
+        self.signal = signum
+
+
+class Trainer:
+    def __init__(self, job: Job, cfg: DictConfig, env: DistEnv, handle_signals: bool = True):
+        self.job, self.cfg, self.env = job, cfg, env
+        self.stop = _StopFlag()
+        if handle_signals:
+            self.stop.install()
+
+    def run(self) -> dict[str, Any]:
+        cfg, env, job = self.cfg, self.env, self.job
+        run_dir = Path(cfg.run.dir)
+        seed_everything(cfg.run.seed)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        device = pick_device(env)
+        init_process_group(env, cfg.engine.backend)
+        engine = make_engine(cfg.engine.name, env, device)
+        ctx = Context(env.rank, env.world_size, env.local_rank, device, run_dir,
+                      torch.Generator().manual_seed(cfg.run.seed))
+
+        parts = job.build(cfg, ctx)
+        if parts.model is None or parts.train_data is None:
+            raise ValueError(f"job {job.name}: build() must return a model and train_data to train")
+        model = engine.wrap(parts.model, parts.frozen)
+        groups = (parts.param_groups(engine.module) if parts.param_groups
+                  else default_param_groups(engine.module, cfg.optim.weight_decay))
+        optimizer = make_optimizer(groups, cfg.optim)
+        engine.set_optimizer(optimizer)
+        scheduler = make_scheduler(optimizer, cfg.train.steps, cfg.optim)
+        ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+
+        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
+        checkpointer.clean_partial()
+        engine.barrier()
+        step = 0
+        latest = checkpointer.latest()
+        if latest is not None:
+            state, rng = checkpointer.load(latest)
+            engine.load_model_state(state["model"])
+            engine.load_optimizer_state(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            job.load_state_dict(state["job"])
+            parts.train_data.load_state_dict(state["data"])
+            step = int(state["step"])
+            if rng is not None:
+                restore_rng(rng)
+            log.info("resumed from %s (step %d)", latest.path, step)
+        else:
+            seed_everything(cfg.run.seed * 1000 + env.rank)  # ranks differ in dropout & co.
+
+        main = env.rank == 0
+        writer = MetricsWriter(run_dir / "tb" if main else None, purge_step=step + 1 if step else None)
+        if main and step == 0:
+            writer.text("config", "```yaml\n" + to_yaml(cfg) + "```")
+        progress = Progress(cfg.train.steps, step, enabled=main)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                    else contextlib.nullcontext())
+        flops_per_sample = job.flops_per_sample(cfg)
+        peak = peak_tflops(device, cfg.train.precision)
+        accum = cfg.train.grad_accum
+
+        def save(at_step: int) -> None:
+            train_state = None
+            if main or not engine.replicated:
+                train_state = {
+                    "model": engine.model_state(),
+                    "optimizer": engine.optimizer_state(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "job": job.state_dict(),
+                    "data": parts.train_data.state_dict(),
+                    "step": at_step,
+                    "config": to_yaml(cfg),
+                }
+            checkpointer.save(at_step, train_state, engine, {"engine": engine.name, "world_size": env.world_size})
+            writer.flush()
+
+        def evaluate(at_step: int) -> dict[str, float]:
+            result = EvalResult()
+            if main:
+                eval_model = ema.shadow if ema is not None else engine.module
+                was_training = eval_model.training
+                eval_model.eval()
+                with torch.no_grad(), autocast:
+                    result = job.evaluate(eval_model, at_step)
+                eval_model.train(was_training)
+                writer.scalars({f"eval/{k}": v for k, v in result.metrics.items()}, at_step)
+                for tag, images in result.images.items():
+                    writer.images(f"eval/{tag}", images, at_step)
+                for tag, body in result.text.items():
+                    writer.text(f"eval/{tag}", body, at_step)
+                log.info("eval step %d %s", at_step, json.dumps(result.metrics))
+            engine.barrier()
+            return result.metrics
+
+        data = iter(parts.train_data)
+        window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+        last_ckpt_time = time.monotonic()
+        loss_value = float("nan")
+        samples_per_step = cfg.train.batch_size
+        if step >= cfg.train.steps:
+            log.info("checkpoint is at step %d >= train.steps: nothing left to train", step)
+
+        while step < cfg.train.steps:
+            step_loss = torch.zeros((), device=device)
+            step_metrics: dict[str, float] = {}
+            for micro in range(accum):
+                waited = time.perf_counter()
+                batch = next(data)
+                window_wait += time.perf_counter() - waited
+                with engine.accumulating(micro == accum - 1), autocast:
+                    loss, metrics = job.train_step(model, batch)
+                engine.backward(loss / accum)
+                step_loss += loss.detach().float() / accum
+                for key, value in metrics.items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accum
+            time_due = (cfg.train.ckpt_every_minutes > 0
+                        and time.monotonic() - last_ckpt_time >= 60 * cfg.train.ckpt_every_minutes)
+            skip_share = getattr(parts.train_data, "skip_share", 0.0)
+            bad_loss, stop_now, time_due, too_many_skips = engine.any_rank([
+                not bool(torch.isfinite(step_loss)), self.stop.signal is not None, time_due,
+                skip_share > cfg.data.max_skip_share,
+            ])
+            if bad_loss:
+                raise NonFiniteLossError(self._nonfinite_message(step + 1, "loss", checkpointer))
+            if too_many_skips:
+                problems = getattr(parts.train_data, "problems", [])
+                raise RuntimeError(
+                    f"more than data.max_skip_share={cfg.data.max_skip_share} of samples were unreadable "
+                    f"at step {step + 1}; first problems: {problems[:3]}"
+                )
+            grad_norm = engine.clip_and_step(cfg.train.clip_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(self._nonfinite_message(step + 1, "gradient norm", checkpointer))
+            scheduler.step()
+            if ema is not None:
+                ema.update(engine.module)
+            step += 1
+            window_samples += samples_per_step
+
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                loss_value = float(engine.all_reduce(step_loss.detach().clone(), "mean"))
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                scalars = {
+                    "train/loss": loss_value,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "perf/samples_per_s": window_samples / elapsed,
+                    "perf/data_wait_share": window_wait / elapsed,
+                    "perf/memory_gb": memory_gb(device),
+                    **{f"train/{k}": v for k, v in step_metrics.items()},
+                }
+                skipped = getattr(parts.train_data, "skipped", None)
+                if skipped is not None:
+                    scalars["data/skipped_samples"] = float(skipped)
+                if flops_per_sample:
+                    tflops = flops_per_sample * window_samples / elapsed / env.world_size / 1e12
+                    scalars["perf/tflops_per_device"] = tflops
+                    if peak:
+                        scalars["perf/mfu"] = tflops / peak
+                writer.scalars(scalars, step)
+                progress.update(step, {"loss": loss_value, "lr": scalars["train/lr"],
+                                       "samples_per_s": scalars["perf/samples_per_s"]})
+                window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+
+            finished = step == cfg.train.steps
+            if not finished and (stop_now or time_due or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0)):
+                save(step)
+                last_ckpt_time = time.monotonic()
+            if stop_now:
+                writer.close()
+                raise Preempted(f"stopped by signal after step {step}; resume with the same command")
+            if not finished and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                evaluate(step)
+
+        final_ref = checkpointer.latest()
+        if final_ref is None or final_ref.step != step:
+            save(step)
+        eval_metrics = evaluate(step)
+        summary = {
+            "job": job.name,
+            "step": step,
+            "final_loss": loss_value,
+            "weights_sha256": weights_sha256(engine.model_state()),
+            "eval": eval_metrics,
+            "world_size": env.world_size,
+        }
+        if main:
+            writer.hparams(_hparams(cfg), {"final_loss": loss_value, **eval_metrics})
+            writer.close()
+            tmp = run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1))
+            tmp.rename(run_dir / "summary.json")
+        progress.close()
+        engine.barrier()
+        return summary
+
+    @staticmethod
+    def _nonfinite_message(step: int, what: str, checkpointer: Checkpointer) -> str:
+        latest = checkpointer.latest()
+        kept = f"the last good checkpoint is {latest.path}" if latest else "no checkpoint was written yet"
+        return (f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
+                "Lower optim.lr, enable train.clip_grad_norm, or check the data of this step.")
+
+
+def _hparams(cfg: DictConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif key != "dir":
+                flat[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+__all__ = ["NonFiniteLossError", "Preempted", "Trainer", "capture_rng"]
