@@ -42,7 +42,7 @@ def splits(limit: int | None = None, heavy_atoms_only: bool = False) -> list[Spl
 
     def rows(test: bool) -> Iterator[dict]:
         if not table_cache:
-            table_cache.append(read_table(None if limit is None else limit * 2))
+            table_cache.append(read_table(None if limit is None else (limit + 1) * TEST_EVERY))
         table = table_cache[0]
         written = 0
         for row in table.itertuples(index=False):

