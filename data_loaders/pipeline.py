@@ -200,8 +200,11 @@ class ShardStream:
         workers = self.config.num_workers
         pieces = _RowPieces(self.spec, self.urls, self.required, self.decode,
                             self.rank, self.world_size, workers, self.position)
-        loader = DataLoader(pieces, batch_size=None, num_workers=workers,
-                            persistent_workers=False, multiprocessing_context="fork" if workers else None)
+        # A private generator: creating a DataLoader iterator draws a seed, and drawing it from
+        # the global RNG would shift dropout & co. after every resume (resume would not be exact).
+        loader = DataLoader(pieces, batch_size=None, num_workers=workers, persistent_workers=False,
+                            multiprocessing_context="fork" if workers else None,
+                            generator=torch.Generator().manual_seed(self.config.seed))
         rows = iter(loader)
         while True:
             row: list[Item] = []

@@ -24,9 +24,16 @@ import numpy as np
 import torch
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
-# Fault injection for the crash-during-write test: seconds to sleep between writing the state
-# and publishing the checkpoint. Never set in normal runs.
+# Fault injection for the crash-during-write tests: "SECONDS" or "SECONDS@STEP" to sleep between
+# writing a checkpoint's state and publishing it. Never set in normal runs.
 PAUSE_ENV = "SCALEYARD_TEST_PAUSE_IN_CHECKPOINT"
+
+
+def _injected_pause(step: int) -> float:
+    seconds, _, at_step = os.environ.get(PAUSE_ENV, "").partition("@")
+    if not seconds or (at_step and int(at_step) != step):
+        return 0.0
+    return float(seconds)
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class Checkpointer:
             torch.save(train_state, tmp / "train_state.pt")
         engine.barrier()
         if self.rank == 0:
-            pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+            pause = _injected_pause(step)
             if pause:
                 time.sleep(pause)
             (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
