@@ -38,7 +38,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from scaleyard.platform.distributed import env_from_os
     from scaleyard.platform.launch import (
-        EXIT_PREEMPTED, check_run_dir, prepare, read_summary, run_here, run_local, write_config,
+        EXIT_PREEMPTED,
+        check_run_dir,
+        prepare,
+        read_summary,
+        run_here,
+        run_local,
+        write_config,
     )  # fmt: skip
     from scaleyard.platform.trainer import Preempted
 
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after options (`run classify --nproc 2 optim.lr=1e-3`);
     # argparse's intermixed mode does not work with subcommands, so collect the leftovers here.
     args, extra = parser.parse_known_args(argv)
-    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    stray = [item for item in extra if item.startswith("-") or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-
 from scaleyard.platform.config import (
-    ConfigError, check_batch, check_config, default_run_dir, differing_keys, resolve, to_yaml,
+    ConfigError,
+    check_batch,
+    check_config,
+    default_run_dir,
+    differing_keys,
+    resolve,
+    to_yaml,
 )  # fmt: skip
 from scaleyard.platform.distributed import DistEnv, destroy_process_group, env_from_os
 from scaleyard.platform.job import Job, get_job
@@ -61,8 +66,6 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
 def check_run_dir(prepared: Prepared) -> str:
     """'new', 'resume' or 'finished'; refuses to reuse a folder that holds a different run."""
     run_dir = prepared.run_dir
-    if (run_dir / "summary.json").exists():
-        return "finished"
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return "new"
@@ -72,7 +75,7 @@ def check_run_dir(prepared: Prepared) -> str:
             f"{run_dir} holds a run with a different config (keys {', '.join(changed)}); "
             f"choose another run.dir, or resume with the same settings"
         )
-    return "resume"
+    return "finished" if (run_dir / "summary.json").exists() else "resume"
 
 
 def write_config(prepared: Prepared) -> None:

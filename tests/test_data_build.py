@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import scaleyard
 from scaleyard.data_loaders.builders import build
 from scaleyard.data_loaders.index import DataError, load_index

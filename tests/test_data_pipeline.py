@@ -5,7 +5,6 @@ import itertools
 import os
 
 import pytest
-
 from scaleyard.data_loaders.index import DataError, load_index
 from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
 from scaleyard.data_loaders.writer import write_split

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import scaleyard
 from scaleyard.platform.checkpoint import PAUSE_ENV
 

@@ -14,16 +14,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
-
 from scaleyard.data_loaders.decoders import Compose, ImageDecoder, LabelDecoder
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
 from scaleyard.models.classifier import ClassifierConfig, ConvClassifier, classifier_flops_per_sample
 from scaleyard.platform.config import (
-    ConfigError, DataConfig, EngineConfig, OptimConfig, RunConfig, TrainConfig, bounded,
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    bounded,
 )  # fmt: skip
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
+from torch import nn
 
 
 @dataclass

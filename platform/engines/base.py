@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from scaleyard.platform.distributed import DistEnv
+from torch import nn
 
 
 class Engine:

@@ -1,0 +1,108 @@
+"""The Trainer's promises, in-process with the real classify job and real shards."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import scaleyard
+from scaleyard.jobs.classify.job import Classify
+from scaleyard.platform.checkpoint import Checkpointer
+from scaleyard.platform.distributed import DistEnv
+from scaleyard.platform.launch import prepare, write_config
+from scaleyard.platform.trainer import NonFiniteLossError, Trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def train(job, classify_args, run_dir, *overrides):
+    prepared = prepare("classify", [*classify_args, f"run.dir={run_dir}", *overrides], preset="tiny")
+    write_config(prepared)
+    return Trainer(job, prepared.cfg, DistEnv(), handle_signals=False).run()
+
+
+class NanAtStep(Classify):
+    """classify whose loss turns NaN at a given micro-batch."""
+
+    def __init__(self, bad_call: int):
+        super().__init__()
+        self.calls, self.bad_call = 0, bad_call
+
+    def train_step(self, model, batch):
+        loss, metrics = super().train_step(model, batch)
+        self.calls += 1
+        return (loss * math.nan if self.calls == self.bad_call else loss), metrics
+
+
+def test_nan_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, classify_args):
+    with pytest.raises(NonFiniteLossError, match="step 7.*step_00000004"):
+        train(NanAtStep(7), classify_args, tmp_path, "train.ckpt_every=4")
+    assert [ref.step for ref in Checkpointer(tmp_path / "checkpoints", 5).all()] == [4]
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_tensorboard_holds_the_metrics(tmp_path, classify_args):
+    train(Classify(), classify_args, tmp_path, "train.eval_every=6")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/accuracy", "perf/samples_per_s",
+                "perf/data_wait_share", "perf/tflops_per_device", "perf/memory_gb", "eval/accuracy",
+                "data/skipped_samples"):
+        assert tag in tags, tag
+    assert "perf/mfu" not in tags  # no peak FLOPs on CPU: no made-up MFU
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [6, 12]
+    lr = [e.value for e in events.Scalars("train/lr")]
+    assert lr == sorted(lr, reverse=True)  # cosine decay
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, classify_args):
+    common = ("model.dropout=0", "train.batch_size=16")
+    one = train(Classify(), classify_args, tmp_path / "one", *common)
+    two = train(Classify(), classify_args, tmp_path / "two", *common, "train.grad_accum=2")
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+
+
+def test_ema_keep_last_and_summary(tmp_path, classify_args):
+    summary = train(Classify(), classify_args, tmp_path, "train.ema_decay=0.9", "train.ckpt_every=3",
+                    "train.keep_checkpoints=2")
+    steps = [ref.step for ref in Checkpointer(tmp_path / "checkpoints", 2).all()]
+    assert steps == [9, 12]
+    state = torch.load(tmp_path / "checkpoints" / "step_00000012" / "train_state.pt", weights_only=True)
+    ema, model = state["ema"], state["model"]
+    assert ema.keys() == model.keys()
+    assert any(not torch.equal(ema[k], model[k]) for k in model)
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert {"step", "final_loss", "weights_sha256"} <= summary.keys() and summary["step"] == 12
+
+
+def test_wall_clock_checkpoints(tmp_path, classify_args):
+    train(Classify(), classify_args, tmp_path, "train.ckpt_every=0", "train.ckpt_every_minutes=0.000001",
+          "train.keep_checkpoints=100")
+    assert [ref.step for ref in Checkpointer(tmp_path / "checkpoints", 100).all()] == list(range(1, 13))
+
+
+def test_bad_config_errors_and_existing_run_untouched(tmp_path, classify_args):
+    run_dir = tmp_path / "run"
+    ok = scaleyard("run", "classify", "--preset", "tiny", *classify_args, f"run.dir={run_dir}",
+                   "train.steps=4", "train.ckpt_every=2")
+    assert ok.returncode == 0, ok.stderr
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    cases = {
+        "train.precision=fp16": "'train.precision': 'fp16' is not allowed; choose one of fp32, bf16",
+        "optim.lrr=1": "unknown config key 'optim.lrr'; keys allowed here: beta1",
+        "train.steps=many": "'train.steps'",
+        "train.grad_accum=3": "divisible by world size x train.grad_accum",
+        "data.lanes=0": "'data.lanes': 0 is below the minimum 1",
+        "model.width=8": "different config (keys model.width)",
+        "noequals": "not KEY=VALUE",
+    }
+    for override, message in cases.items():
+        done = scaleyard("run", "classify", "--preset", "tiny", *classify_args, f"run.dir={run_dir}",
+                         "train.steps=4", "train.ckpt_every=2", override)
+        assert done.returncode == 2, (override, done.stdout, done.stderr)
+        assert message in done.stderr, (override, done.stderr)
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    missing = scaleyard("run", "classify", f"data.path={tmp_path}/nothing", f"run.dir={tmp_path}/x")
+    assert missing.returncode == 2 and "no shard index" in missing.stderr
