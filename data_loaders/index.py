@@ -27,6 +27,9 @@ class ShardInfo:
     name: str
     count: int
     sha256: str
+    # Byte offset of every `seek_every`-th sample's first tar member: a reader resuming inside
+    # a local shard seeks there instead of parsing every earlier header.
+    offsets: tuple[int, ...] = ()
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ShardIndex:
     shards: list[ShardInfo]
     schema: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
+    seek_every: int = 0  # samples between recorded offsets (0: none recorded)
     root: str = ""  # folder the index was read from; not written to the file
 
     @property
@@ -60,6 +64,7 @@ class ShardIndex:
             "split": self.split,
             "num_samples": self.total,
             "shards": [asdict(s) for s in self.shards],
+            "seek_every": self.seek_every,
             "schema": self.schema,
             "extra": self.extra,
         }
@@ -91,7 +96,7 @@ def load_index(path: str | os.PathLike) -> ShardIndex:
         )
     try:
         body = json.loads(file.read_text())
-        shards = [ShardInfo(**s) for s in body["shards"]]
+        shards = [ShardInfo(**{**s, "offsets": tuple(s.get("offsets", ()))}) for s in body["shards"]]
         index = ShardIndex(
             builder=body["builder"],
             version=body["version"],
@@ -99,6 +104,7 @@ def load_index(path: str | os.PathLike) -> ShardIndex:
             shards=shards,
             schema=body["schema"],
             extra=body.get("extra", {}),
+            seek_every=int(body.get("seek_every", 0)),
             root=str(file.parent),
         )
     except (KeyError, TypeError, json.JSONDecodeError) as err:

@@ -5,11 +5,12 @@ among nodes and workers, and its iterators have no state to resume from (webdata
 that is preempted, or resumed on a different number of ranks, must see the same global sequence.
 
 The order, for epoch e:
-1. shards are permuted with an RNG seeded by (seed, e) and laid end to end;
-2. inside each shard, samples are permuted within blocks of `shuffle_block` (the bounded shuffle);
-3. the resulting flat sequence of N samples is cut into `lanes` contiguous lanes of near-equal
-   length, and the global order interleaves them row by row: global position g is sample
-   g // lanes of lane g % lanes (this also holds for the short last row).
+1. shards are permuted with an RNG seeded by (seed, e) and laid end to end (the flat order);
+2. the flat sequence of N samples is cut into `lanes` contiguous lanes of near-equal length;
+3. inside each lane, blocks of `shuffle_block` consecutive samples are permuted (the bounded
+   shuffle, seeded by (seed, e, lane, block));
+4. the global order interleaves the lanes row by row: global position g is sample g // lanes
+   of lane g % lanes (this also holds for the short last row).
 A lane is read sequentially from its shards, so a reader owning a lane touches only the shards
 it needs. Lane l belongs to rank l % world_size, so with `lanes` a multiple of the world size
 rank r owns exactly the global positions g with g % world_size == r: the order does not depend
@@ -66,8 +67,8 @@ class EpochOrder:
         slot = bisect.bisect_right(self.shard_starts, flat) - 1
         return slot, flat - self.shard_starts[slot]
 
-    def block_permutation(self, shard: int, block: int, length: int) -> list[int]:
-        rng = np.random.default_rng([self.spec.seed, self.epoch, _BLOCK_STREAM, shard, block])
+    def block_permutation(self, lane: int, block: int, length: int) -> list[int]:
+        rng = np.random.default_rng([self.spec.seed, self.epoch, _BLOCK_STREAM, lane, block])
         return rng.permutation(length).tolist()
 
     @cached_property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,21 @@ import webdataset as wds
 from scaleyard.data_loaders.index import INDEX_FILE, DataError, ShardIndex, ShardInfo, sha256_file
 
 SHARD_PATTERN = "shard-%06d.tar"
+SEEK_EVERY = 64
+
+
+def sample_offsets(path: Path, seek_every: int) -> tuple[int, ...]:
+    """Header offsets of every `seek_every`-th sample (a sample = consecutive members that share
+    a key, as webdataset groups them)."""
+    offsets, last_key, number = [], None, -1
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if key != last_key:
+                number, last_key = number + 1, key
+                if number % seek_every == 0:
+                    offsets.append(member.offset)
+    return tuple(offsets)
 
 
 def write_split(
@@ -24,6 +40,7 @@ def write_split(
     shard_size: int,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    seek_every: int = SEEK_EVERY,
 ) -> ShardIndex:
     """Write `samples` (webdataset dicts with `__key__`) into `out_dir`.
 
@@ -46,7 +63,7 @@ def write_split(
         maxcount=shard_size,
         maxsize=float("inf"),
         verbose=0,
-        mtime=0.0,
+        mtime=0,  # an int: a float mtime makes tarfile add a PAX header to every member
         user="scaleyard",
         group="scaleyard",
     ) as sink:
@@ -62,10 +79,10 @@ def write_split(
     shards = []
     for number, count in enumerate(counts):
         name = SHARD_PATTERN % number
-        shards.append(ShardInfo(name=name, count=count, sha256=sha256_file(tmp_dir / name)))
-    index = ShardIndex(
-        builder=builder, version=version, split=split, shards=shards, schema=schema, extra=extra or {}
-    )
+        shards.append(ShardInfo(name=name, count=count, sha256=sha256_file(tmp_dir / name),
+                                offsets=sample_offsets(tmp_dir / name, seek_every)))
+    index = ShardIndex(builder=builder, version=version, split=split, shards=shards, schema=schema,
+                       extra=extra or {}, seek_every=seek_every)
     (tmp_dir / INDEX_FILE).write_text(index.to_json())
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -20,7 +20,7 @@ class KeyDecoder:
 def write_numbers(folder, total=TOTAL, shard_size=20):
     samples = ({"__key__": f"{i:05d}", "value.txt": str(i)} for i in range(total))
     return write_split(samples, folder, builder="numbers", version="1", split="train",
-                       schema={"value.txt": "int"}, shard_size=shard_size)
+                       schema={"value.txt": "int"}, shard_size=shard_size, seek_every=4)
 
 
 @pytest.fixture()
@@ -88,13 +88,33 @@ def test_world_size_two_then_one_continues_the_same_sequence(numbers):
 
 def test_resume_does_not_open_earlier_shards(numbers, monkeypatch):
     from scaleyard.data_loaders import pipeline
+    from scaleyard.data_loaders.order import EpochOrder, OrderSpec
 
     opened = []
     original = pipeline.read_shard
     monkeypatch.setattr(pipeline, "read_shard",
-                        lambda url, n, req: (opened.append(os.path.basename(url)), original(url, n, req))[1])
+                        lambda source, first, req: (opened.append((source.url, first)), original(source, first, req))[1])
     positions(numbers, steps=1, batch=1, lanes=1, start=150, block=4)
-    assert len(opened) == 1  # lanes=1: global order = shard order; position 150 lives in one shard
+    # lanes=1: the global order is the flat order; position 150 sits in one shard, entered at the
+    # start of its shuffle block (148), by seeking to a recorded offset
+    slot, offset = EpochOrder(OrderSpec.from_index(numbers, 0, 1, 4), 0).locate(148)
+    assert len(opened) == 1
+    assert opened[0][1] == offset and opened[0][0].endswith(numbers.shards[EpochOrder(
+        OrderSpec.from_index(numbers, 0, 1, 4), 0).shard_order[slot]].name)
+
+
+def test_seeking_into_a_shard_reads_the_same_samples(numbers):
+    from scaleyard.data_loaders.pipeline import ShardSource, read_shard
+
+    shard = numbers.shards[0]
+    url = numbers.shard_url(shard)
+    seeking = ShardSource(url, shard.count, shard.offsets, numbers.seek_every)
+    streaming = ShardSource(url, shard.count, (), 0)
+    assert seeking.seekable and not streaming.seekable and len(shard.offsets) == 5
+    for first in (0, 1, 7, 19):
+        keys = [s["__key__"] for s, _ in read_shard(seeking, first, ("value.txt",))]
+        assert keys == [s["__key__"] for s, _ in read_shard(streaming, first, ("value.txt",))]
+        assert len(keys) == shard.count - first
 
 
 def test_missing_shard_is_an_error_naming_it(numbers):
