@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
 from scaleyard.data_loaders.index import ShardIndex
 
 _SHARD_STREAM, _BLOCK_STREAM = 1, 2  # keep the RNG streams of the two shuffles apart

@@ -10,17 +10,18 @@ counted, reported, and left out of the batch.
 from __future__ import annotations
 
 import itertools
-import tarfile
 import logging
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
 from scaleyard.data_loaders.index import DataError, ShardIndex, check_shards
 from scaleyard.data_loaders.order import EpochOrder, OrderSpec, count_owned, lanes_of
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 

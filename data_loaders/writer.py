@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
 from scaleyard.data_loaders.index import INDEX_FILE, DataError, ShardIndex, ShardInfo, sha256_file
 
 SHARD_PATTERN = "shard-%06d.tar"

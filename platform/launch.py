@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
 from scaleyard.platform.config import (
     ConfigError,
     check_batch,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+
 from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device
 from scaleyard.platform.job import Context, Job
 from scaleyard.platform.trainer import seed_everything

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
 from scaleyard.platform.checkpoint import Checkpointer, capture_rng, restore_rng, weights_sha256
 from scaleyard.platform.config import to_yaml
 from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device

@@ -3,9 +3,11 @@
 import json
 
 import pytest
-from conftest import scaleyard
+
 from scaleyard.data_loaders.builders import build
 from scaleyard.data_loaders.index import DataError, load_index
+
+from conftest import scaleyard
 
 
 @pytest.mark.parametrize("name,options", [("fashion_mnist", {}), ("shapes", {"resolution": 16}),

@@ -5,6 +5,7 @@ import itertools
 import os
 
 import pytest
+
 from scaleyard.data_loaders.index import DataError, load_index
 from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
 from scaleyard.data_loaders.writer import write_split
@@ -92,8 +93,12 @@ def test_resume_does_not_open_earlier_shards(numbers, monkeypatch):
 
     opened = []
     original = pipeline.read_shard
-    monkeypatch.setattr(pipeline, "read_shard",
-                        lambda source, first, req: (opened.append((source.url, first)), original(source, first, req))[1])
+
+    def recording(source, first, required):
+        opened.append((source.url, first))
+        return original(source, first, required)
+
+    monkeypatch.setattr(pipeline, "read_shard", recording)
     positions(numbers, steps=1, batch=1, lanes=1, start=150, block=4)
     # lanes=1: the global order is the flat order; position 150 sits in one shard, entered at the
     # start of its shuffle block (148), by seeking to a recorded offset

@@ -10,8 +10,10 @@ import sys
 import time
 
 import pytest
-from conftest import scaleyard
+
 from scaleyard.platform.checkpoint import PAUSE_ENV
+
+from conftest import scaleyard
 
 
 def run_args(classify_args, run_dir, nproc):

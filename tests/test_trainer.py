@@ -5,13 +5,15 @@ import math
 
 import pytest
 import torch
-from conftest import scaleyard
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from scaleyard.jobs.classify.job import Classify
 from scaleyard.platform.checkpoint import Checkpointer
 from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.launch import prepare, write_config
 from scaleyard.platform.trainer import NonFiniteLossError, Trainer
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import scaleyard
 
 
 def train(job, classify_args, run_dir, *overrides):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from scaleyard.data_loaders.builders import Split, require_file
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")

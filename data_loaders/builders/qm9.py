@@ -6,6 +6,7 @@ import ast
 from collections.abc import Iterator
 
 import numpy as np
+
 from scaleyard.data_loaders.builders import Split, package_folder, require_file
 
 INSTALL = "pip install qm9pack==1.0.3"

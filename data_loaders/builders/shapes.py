@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from scaleyard.data_loaders.builders import Split
 
 COLORS = {

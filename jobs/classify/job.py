@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch import nn
+
 from scaleyard.data_loaders.decoders import Compose, ImageDecoder, LabelDecoder
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
@@ -28,7 +30,6 @@ from scaleyard.platform.config import (
     bounded,
 )  # fmt: skip
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
-from torch import nn
 
 
 @dataclass

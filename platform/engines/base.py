@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from scaleyard.platform.distributed import DistEnv
 from torch import nn
+
+from scaleyard.platform.distributed import DistEnv
 
 
 class Engine:
