@@ -75,6 +75,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    import shlex
+    import tempfile
+
+    from scaleyard.platform.launch import check_run_dir, prepare, read_summary, write_config
+    from scaleyard.slurm.launch import make_executor, sbatch_script, submit_run
+    from scaleyard.slurm.profiles import apply_overrides, check_job_name, check_profile, load_profile
+    from scaleyard.slurm.task import RunTask
+
+    profile = load_profile(args.profile or "local")
+    profile = apply_overrides(profile, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                              ntasks_per_node=args.ntasks_per_node, time_min=args.time)
+    prepared = prepare(args.job, args.overrides, args.preset, profile.world_size)
+    prepared.cfg.run.dir = str(prepared.run_dir.absolute())  # the job may start in another directory
+    run_dir = str(prepared.run_dir)
+    task = RunTask(args.job, prepared.preset, [*args.overrides, f"run.dir={run_dir}"], run_dir)
+    job_name = args.name or f"sy-{args.job}"
+    check_job_name(job_name)
+    check_profile(profile, args.cluster)  # before anything is written or queued
+    if args.dry_run:
+        with tempfile.TemporaryDirectory() as scratch:
+            executor = make_executor(args.cluster, profile, Path(scratch) / "slurm", job_name)
+            script = sbatch_script(executor).replace(scratch, run_dir)
+        # The overrides travel pickled, never through the shell; shown here JSON-quoted.
+        print(f"# scaleyard: job {json.dumps(args.job)}, {profile.world_size} task(s), run folder "
+              f"{shlex.quote(run_dir)}\n# overrides: {json.dumps(task.overrides)}")
+        print(script)
+        return 0
+    state = check_run_dir(prepared)
+    if state == "finished":
+        print(f"{run_dir} already finished: {json.dumps(read_summary(prepared.run_dir))}")
+        return 0
+    write_config(prepared)
+    submission = submit_run(task, args.cluster, profile, job_name)
+    print(f"submitted job {submission.job_id} to {args.cluster} ({profile.world_size} task(s)); run folder {run_dir}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from scaleyard.slurm.monitor import format_table, run_dirs, run_status
+
+    rows = [run_status(d) for d in run_dirs(Path(args.path))]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from scaleyard.slurm.monitor import cancel, run_dirs
+
+    for run_dir in run_dirs(Path(args.path)):
+        print(f"cancelled {cancel(run_dir)} ({run_dir})")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from scaleyard.slurm.launch import job_of, read_submission
+    from scaleyard.slurm.monitor import follow, log_files
+
+    paths = log_files(Path(args.run), args.rank)
+    submission = read_submission(Path(args.run))
+    job = job_of(submission)
+    for line in follow(paths, (lambda: job.done()) if args.follow else (lambda: True)):
+        print(line, flush=True)
+    return 0
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     from scaleyard.data_loaders.builders import build
 
@@ -112,17 +181,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("jobs", help="list registered jobs").set_defaults(func=cmd_jobs)
 
-    def job_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+    def job_command(name: str, help_text: str, func, local_processes: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("job")
         p.add_argument("overrides", nargs="*", help="OmegaConf dotlist, e.g. optim.lr=3e-4 train.steps=100")
         p.add_argument("--preset", default=None, help="YAML preset beside the job (default: 'default')")
-        p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU)")
+        if local_processes:
+            p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU)")
         p.set_defaults(func=func)
         return p
 
     job_command("config", "print the resolved config", cmd_config)
     job_command("run", "run a job here (or as --nproc local processes)", cmd_run)
+
+    submit = job_command("submit", "queue a job through submitit (local processes or SLURM)", cmd_submit,
+                         local_processes=False)
+    submit.add_argument("--cluster", choices=("local", "slurm"), default="local")
+    submit.add_argument("--profile", default=None, help="cluster profile name or YAML path (default: local)")
+    submit.add_argument("--nodes", type=int, default=None)
+    submit.add_argument("--gpus-per-node", type=int, default=None)
+    submit.add_argument("--ntasks-per-node", type=int, default=None)
+    submit.add_argument("--time", type=int, default=None, help="time limit in minutes")
+    submit.add_argument("--name", default=None, help="job name (letters, digits, . _ -)")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script; queue nothing")
+
+    status = sub.add_parser("status", help="runs with their queue state, step, loss and requeues")
+    status.add_argument("path", nargs="?", default="runs", help="a run folder or a folder of runs")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    cancel = sub.add_parser("cancel", help="cancel the submitted job(s) of a run or sweep folder")
+    cancel.add_argument("path")
+    cancel.set_defaults(func=cmd_cancel)
+    logs = sub.add_parser("logs", help="stdout/stderr of one rank of a submitted run")
+    logs.add_argument("run")
+    logs.add_argument("--rank", type=int, default=0)
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(func=cmd_logs)
 
     data = sub.add_parser("data", help="build and inspect WebDataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -161,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         from scaleyard.data_loaders.index import DataError
         from scaleyard.platform.job import UnknownJobError
 
-        if isinstance(err, DataError | UnknownJobError | ValueError):
+        if isinstance(err, DataError | UnknownJobError | ValueError | FileNotFoundError):
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise

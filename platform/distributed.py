@@ -72,3 +72,33 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 6
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+def preflight(env: DistEnv, device: torch.device, timeout_s: float = 120.0) -> None:
+    """Before step 1: each rank checks its device, then all ranks meet in a collective, so a bad
+    node fails in seconds naming itself instead of hanging the first step (torchtitan #915)."""
+    host = socket.gethostname()
+    try:
+        probe = torch.randn(64, 64, device=device)
+        if not bool(torch.isfinite(probe @ probe).all()):
+            raise PreflightError("matmul produced non-finite values")
+    except Exception as err:  # noqa: BLE001 - any device failure is reported with its place
+        raise PreflightError(f"rank {env.rank} on {host}: device {device} failed its check: {err}") from err
+    if not env.distributed:
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            # names the ranks that did not arrive, instead of a bare timeout
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except RuntimeError as err:
+            raise PreflightError(f"rank {env.rank} on {host}: pre-flight barrier failed: {err}") from err
+    hosts: list[str] = [""] * env.world_size
+    dist.all_gather_object(hosts, f"{host}:{device}")
+    total = torch.ones((), device=device)
+    dist.all_reduce(total)
+    if int(total.item()) != env.world_size:
+        raise PreflightError(f"rank {env.rank} on {host}: all-reduce gave {total.item()}, expected {env.world_size}")

@@ -17,14 +17,15 @@ from omegaconf import DictConfig
 
 from scaleyard.platform.checkpoint import Checkpointer, capture_rng, restore_rng, weights_sha256
 from scaleyard.platform.config import to_yaml
-from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device
+from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device, preflight
 from scaleyard.platform.engines import make_engine
 from scaleyard.platform.job import Context, EvalResult, Job
 from scaleyard.platform.metrics import MetricsWriter, Progress, memory_gb, peak_tflops
 from scaleyard.platform.optim import EMA, default_param_groups, make_optimizer, make_scheduler
 
 log = logging.getLogger("scaleyard")
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # SLURM's --signal and the time-limit TERM
+# SLURM's --signal (USR1 by convention, USR2 from submitit) and the TERM sent at the time limit
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,7 +33,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """The run checkpointed and stopped on a signal; the launcher requeues it."""
+    """The run checkpointed and stopped on a signal; the launcher decides whether to requeue."""
+
+    def __init__(self, message: str, signum: int | None):
+        super().__init__(message)
+        self.signum = signum
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +74,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         device = pick_device(env)
         init_process_group(env, cfg.engine.backend)
+        preflight(env, device)
         engine = make_engine(cfg.engine.name, env, device)
         ctx = Context(env.rank, env.world_size, env.local_rank, device, run_dir,
                       torch.Generator().manual_seed(cfg.run.seed))
@@ -216,6 +222,8 @@ class Trainer:
                     if peak:
                         scalars["perf/mfu"] = tflops / peak
                 writer.scalars(scalars, step)
+                if main:
+                    _write_progress(run_dir, step, loss_value)
                 progress.update(step, {"loss": loss_value, "lr": scalars["train/lr"],
                                        "samples_per_s": scalars["perf/samples_per_s"]})
                 window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
@@ -226,7 +234,8 @@ class Trainer:
                 last_ckpt_time = time.monotonic()
             if stop_now:
                 writer.close()
-                raise Preempted(f"stopped by signal after step {step}; resume with the same command")
+                message = f"stopped by signal after step {step}; resume with the same command"
+                raise Preempted(message, self.stop.signal)
             if not finished and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 evaluate(step)
 
@@ -258,6 +267,14 @@ class Trainer:
         kept = f"the last good checkpoint is {latest.path}" if latest else "no checkpoint was written yet"
         return (f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
                 "Lower optim.lr, enable train.clip_grad_norm, or check the data of this step.")
+
+
+def _write_progress(run_dir: Path, step: int, loss: float) -> None:
+    """Small, atomically replaced file that `scaleyard status` reads (TensorBoard files are
+    too slow to parse for a table of hundreds of runs)."""
+    tmp = run_dir / "progress.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "loss": loss, "time": time.time()}))
+    tmp.rename(run_dir / "progress.json")
 
 
 def _hparams(cfg: DictConfig) -> dict[str, Any]:

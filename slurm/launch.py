@@ -1,0 +1,118 @@
+"""Queue runs through submitit: one run, or many as one job array; dry runs print the sbatch
+script instead. `LocalExecutor` (cluster "local") and SLURM (cluster "slurm") share this path."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from scaleyard.slurm.profiles import ClusterProfile, check_job_name, check_profile
+from scaleyard.slurm.task import RunTask
+
+CLUSTERS = ("local", "slurm")
+SUBMISSION_FILE = "submission.json"
+
+
+@dataclass
+class Submission:
+    job_id: str
+    cluster: str
+    folder: str  # submitit's folder (logs, pickles)
+    profile: str
+    tasks: int
+    submitted: float
+
+
+def make_executor(cluster: str, profile: ClusterProfile, folder: Path, job_name: str,
+                  array_parallelism: int | None = None) -> submitit.AutoExecutor:
+    if cluster not in CLUSTERS:
+        raise ValueError(f"--cluster {cluster!r}: choose one of {', '.join(CLUSTERS)}")
+    check_job_name(job_name)
+    check_profile(profile, cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
+                                     slurm_max_num_timeout=profile.max_requeues,
+                                     local_max_num_timeout=profile.max_requeues)
+    params: dict[str, Any] = {
+        "name": job_name, "timeout_min": profile.time_min, "nodes": profile.nodes,
+        "tasks_per_node": profile.ntasks_per_node, "cpus_per_task": profile.cpus_per_task,
+        "gpus_per_node": profile.gpus_per_node,
+    }
+    if profile.mem_gb:
+        params["mem_gb"] = profile.mem_gb
+    if cluster == "slurm":
+        extra = {k: (True if v == "" else v) for k, v in profile.sbatch_extra.items()}
+        params.update({"slurm_signal_delay_s": profile.signal_delay_s, "slurm_setup": list(profile.setup),
+                       "slurm_additional_parameters": extra})
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(profile, key):
+                params[f"slurm_{key}"] = getattr(profile, key)
+        if array_parallelism:
+            params["slurm_array_parallelism"] = array_parallelism
+    executor.update_parameters(**params)
+    return executor
+
+
+def sbatch_script(executor: submitit.AutoExecutor) -> str:
+    """The batch script submitit would hand to sbatch (SLURM executors only)."""
+    inner = executor._executor  # submitit keeps the cluster-specific executor here
+    if not hasattr(inner, "_make_submission_file_text"):
+        return f"# cluster {executor.cluster}: no batch script (processes are started directly)\n"
+    return inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN")
+
+
+def submit_run(task: RunTask, cluster: str, profile: ClusterProfile, job_name: str) -> Submission:
+    run_dir = Path(task.run_dir)
+    folder = run_dir / "slurm"
+    executor = make_executor(cluster, profile, folder, job_name)
+    job = executor.submit(task)
+    submission = Submission(str(job.job_id), cluster, str(folder), profile.name, profile.world_size, time.time())
+    (run_dir / SUBMISSION_FILE).write_text(json.dumps(asdict(submission), indent=1))
+    return submission
+
+
+def submit_array(tasks: list[RunTask], cluster: str, profile: ClusterProfile, job_name: str, folder: Path,
+                 concurrency: int) -> list[Submission]:
+    """Many runs as one job array, at most `concurrency` at a time. On SLURM this is one sbatch
+    with `--array=0-N%concurrency`; locally the same limit is applied by starting the runs in
+    waves of `concurrency` (this call then returns when the last wave has started)."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    submissions = []
+    if cluster == "slurm":
+        executor = make_executor(cluster, profile, folder, job_name, array_parallelism=concurrency)
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+        waves = [list(zip(tasks, jobs))]
+    else:
+        executor = make_executor(cluster, profile, folder, job_name)
+        waves = []
+        for start in range(0, len(tasks), concurrency):
+            if waves:
+                for _, job in waves[-1]:
+                    job.wait()
+            wave = tasks[start : start + concurrency]
+            with executor.batch():
+                jobs = [executor.submit(task) for task in wave]
+            waves.append(list(zip(wave, jobs)))
+    for task, job in (pair for wave in waves for pair in wave):
+        submission = Submission(str(job.job_id), cluster, str(folder), profile.name, profile.world_size, time.time())
+        Path(task.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(task.run_dir) / SUBMISSION_FILE).write_text(json.dumps(asdict(submission), indent=1))
+        submissions.append(submission)
+    return submissions
+
+
+def job_of(submission: Submission) -> submitit.Job:
+    if submission.cluster == "slurm":
+        return submitit.SlurmJob(submission.folder, submission.job_id, tasks=tuple(range(submission.tasks)))
+    return submitit.LocalJob(submission.folder, submission.job_id, tasks=tuple(range(submission.tasks)))
+
+
+def read_submission(run_dir: Path) -> Submission | None:
+    path = Path(run_dir) / SUBMISSION_FILE
+    return Submission(**json.loads(path.read_text())) if path.exists() else None
