@@ -105,10 +105,12 @@ class Trainer:
             job.load_state_dict(state["job"])
             parts.train_data.load_state_dict(state["data"])
             step = int(state["step"])
+            loss_at_checkpoint = float(state.get("loss", float("nan")))
             if rng is not None:
                 restore_rng(rng)
             log.info("resumed from %s (step %d)", latest.path, step)
         else:
+            loss_at_checkpoint = float("nan")
             seed_everything(cfg.run.seed * 1000 + env.rank)  # ranks differ in dropout & co.
 
         main = env.rank == 0
@@ -133,6 +135,7 @@ class Trainer:
                     "job": job.state_dict(),
                     "data": parts.train_data.state_dict(),
                     "step": at_step,
+                    "loss": loss_value,
                     "config": to_yaml(cfg),
                 }
             checkpointer.save(at_step, train_state, engine, {"engine": engine.name, "world_size": env.world_size})
@@ -159,7 +162,7 @@ class Trainer:
         data = iter(parts.train_data)
         window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
         last_ckpt_time = time.monotonic()
-        loss_value = float("nan")
+        loss_value = loss_at_checkpoint
         samples_per_step = cfg.train.batch_size
         if step >= cfg.train.steps:
             log.info("checkpoint is at step %d >= train.steps: nothing left to train", step)
