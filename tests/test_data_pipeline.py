@@ -161,3 +161,12 @@ def test_truncated_shard_and_missing_field_are_skipped_and_counted(tmp_path):
 def test_lanes_must_divide_by_world_size(numbers):
     with pytest.raises(DataError, match="data.lanes"):
         positions(numbers, world=3, lanes=4)
+
+
+def test_shards_read_through_pipe_urls(numbers):
+    """Shards on other storage: webdataset opens `pipe:` commands (and fsspec URLs) the same way."""
+    local, _ = positions(numbers, steps=30, batch=8)
+    config = StreamConfig(lanes=4, shuffle_block=7, shard_base=f"pipe:cat {numbers.root}/{{name}}")
+    stream = ShardStream(numbers, config, decode=KeyDecoder(), collate=stack, batch_per_rank=8)
+    piped = [batch["value"] for batch in itertools.islice(iter(stream), 30)]
+    assert piped == local

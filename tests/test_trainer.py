@@ -108,3 +108,46 @@ def test_bad_config_errors_and_existing_run_untouched(tmp_path, classify_args):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
     missing = scaleyard("run", "classify", f"data.path={tmp_path}/nothing", f"run.dir={tmp_path}/x")
     assert missing.returncode == 2 and "no shard index" in missing.stderr
+
+
+def test_bf16_autocast_trains(tmp_path, classify_args):
+    summary = train(Classify(), classify_args, tmp_path, "train.precision=bf16")
+    assert math.isfinite(summary["final_loss"]) and summary["step"] == 12
+
+
+def test_classifier_checkpoint_loads_in_other_jobs(tmp_path, classify_args):
+    from scaleyard.jobs.classify.job import load_classifier
+    from scaleyard.platform.checkpoint import weights_sha256
+
+    summary = train(Classify(), classify_args, tmp_path)
+    model = load_classifier(tmp_path)
+    assert weights_sha256(model.state_dict()) == summary["weights_sha256"]
+    assert model.features(torch.zeros(3, 1, 28, 28)).shape == (3, 16)
+
+
+def test_too_many_unreadable_samples_stop_the_run(tmp_path, fmnist, classify_args):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist / "train", data)
+    for shard in sorted(data.glob("*.tar"))[:3]:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    args = [a for a in classify_args if not a.startswith("data.path=")] + [f"data.path={data}"]
+    with pytest.raises(RuntimeError, match="data.max_skip_share=0.01 of samples were unreadable"):
+        train(Classify(), args, tmp_path / "run", "train.steps=200")
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert events.Scalars("data/skipped_samples")[-1].value > 0
+
+
+def test_distributed_env_from_torchrun_and_slurm():
+    from scaleyard.platform.distributed import env_from_os
+
+    torchrun = env_from_os({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                            "MASTER_PORT": "1234"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr) == (3, 8, 1, "n1")
+    slurm = env_from_os({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
+                         "SLURM_JOB_NODELIST": "gpu[003-010,12],cpu1"})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == (5, 16, 1, "gpu003")
+    assert slurm.master_port == 20077
+    assert not env_from_os({}).distributed
