@@ -144,6 +144,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from scaleyard.platform.scaling_report import load_runs, write_report
+
+    source = Path(args.path)
+    out = Path(args.out) if args.out else (source.parent if source.suffix == ".csv" else source) / "scaling"
+    report = write_report(load_runs(source), out, bootstrap=args.bootstrap, seed=args.seed)
+    print(f"{report['runs']} runs fitted; wrote {out}/scaling.md, scaling.json, scaling.png")
+    print((out / "scaling.md").read_text())
+    return 0
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     from scaleyard.data_loaders.builders import build
 
@@ -217,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--rank", type=int, default=0)
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(func=cmd_logs)
+
+    scaling = sub.add_parser("scaling", help="fit scaling laws to a sweep folder or a CSV of runs")
+    scaling.add_argument("path")
+    scaling.add_argument("--out", default=None, help="report folder (default: <path>/scaling)")
+    scaling.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% intervals")
+    scaling.add_argument("--seed", type=int, default=0)
+    scaling.set_defaults(func=cmd_scaling)
 
     data = sub.add_parser("data", help="build and inspect WebDataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)

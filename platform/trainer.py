@@ -246,10 +246,14 @@ class Trainer:
         if final_ref is None or final_ref.step != step:
             save(step)
         eval_metrics = evaluate(step)
+        samples_seen = step * cfg.train.batch_size
         summary = {
             "job": job.name,
             "step": step,
             "final_loss": loss_value,
+            "params": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
+            "samples_seen": samples_seen,
+            "compute_flops": flops_per_sample * samples_seen,
             "weights_sha256": weights_sha256(engine.model_state()),
             "eval": eval_metrics,
             "world_size": env.world_size,
