@@ -96,6 +96,11 @@ class Job:
         """Model FLOPs of one training sample, forward + backward (0 if unknown)."""
         return 0.0
 
+    @staticmethod
+    def model_size(cfg: DictConfig) -> int | None:
+        """Parameters that scaling laws should count (N); None: all trainable parameters."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

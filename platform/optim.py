@@ -57,10 +57,16 @@ class EMA:
         self.decay = decay
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        """Warm-up of the decay, (1 + step) / (10 + step) capped at `decay`: without it a short
+        run's EMA is mostly its random initialisation."""
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, step: int) -> None:
+        decay = self.decay_at(step)
         for ema_param, param in zip(self.shadow.parameters(), module.parameters()):
-            ema_param.lerp_(param.detach(), 1.0 - self.decay)
+            ema_param.lerp_(param.detach(), 1.0 - decay)
         for ema_buf, buf in zip(self.shadow.buffers(), module.buffers()):
             ema_buf.copy_(buf)
 

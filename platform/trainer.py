@@ -200,7 +200,7 @@ class Trainer:
                 raise NonFiniteLossError(self._nonfinite_message(step + 1, "gradient norm", checkpointer))
             scheduler.step()
             if ema is not None:
-                ema.update(engine.module)
+                ema.update(engine.module, step)
             step += 1
             window_samples += samples_per_step
 
@@ -251,7 +251,7 @@ class Trainer:
             "job": job.name,
             "step": step,
             "final_loss": loss_value,
-            "params": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
+            "params": job.model_size(cfg) or sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
             "samples_seen": samples_seen,
             "compute_flops": flops_per_sample * samples_seen,
             "weights_sha256": weights_sha256(engine.model_state()),

@@ -1,0 +1,184 @@
+"""t2i: text-to-image diffusion transformers (DiT-adaLN, DiT-cross, U-ViT) on captioned shards.
+
+Recipe: config -> data (Fashion-MNIST or shapes shards: image + caption) -> model (a preset from
+models/presets.py, plus a small trainable text encoder) -> loss (flow matching or v-prediction,
+captions dropped for classifier-free guidance) -> evaluation (validation loss at fixed times,
+sample grid, Frechet distance and caption accuracy in the `classify` network's feature space).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from scaleyard.data_loaders.decoders import CaptionDecoder, Compose, ImageDecoder, LabelDecoder
+from scaleyard.data_loaders.index import load_index
+from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
+from scaleyard.models import flow
+from scaleyard.models.diffusion_transformer import (
+    DiffusionTransformerConfig,
+    build_model,
+    count_parameters,
+    flops_per_sample,
+)  # fmt: skip
+from scaleyard.models.presets import preset, presets
+from scaleyard.models.text_encoder import TextEncoder, TextEncoderConfig, text_encoder_flops, tokenize
+from scaleyard.platform.config import (
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    bounded,
+    choice,
+)  # fmt: skip
+from scaleyard.platform.job import Context, EvalResult, Job, JobParts
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "uvit-cpu-s"
+    text_depth: int = bounded(2, 1)
+    text_heads: int = bounded(4, 1)
+    process: str = choice("flow", flow.PROCESSES)
+    caption_dropout: float = bounded(0.1, 0.0, 1.0)
+
+
+@dataclass
+class EvalConfig:
+    samples: int = bounded(256, 0)  # generated images for the metrics (0: validation loss only)
+    val_samples: int = bounded(512, 1)
+    steps: int = bounded(20, 1)
+    sampler: str = choice("euler", flow.SAMPLERS)
+    guidance: float = bounded(2.0, 1.0)
+    classifier: str = ""  # a finished `classify` run folder: enables Frechet distance and caption accuracy
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="data/fashion_mnist/train",
+                                                                 eval_path="data/fashion_mnist/test"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def model_configs(cfg: DictConfig) -> tuple[DiffusionTransformerConfig, TextEncoderConfig]:
+    try:
+        denoiser = preset(cfg.model.preset)
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.preset': {err}") from None
+    text = TextEncoderConfig(width=denoiser.text_dim, depth=cfg.model.text_depth, heads=cfg.model.text_heads,
+                             max_len=denoiser.text_len)
+    return denoiser, text
+
+
+class TextToImage(nn.Module):
+    """Text encoder + denoiser behind one forward, so DDP/ZeRO see every trainable call."""
+
+    def __init__(self, denoiser_cfg: DiffusionTransformerConfig, text_cfg: TextEncoderConfig):
+        super().__init__()
+        self.text_cfg = text_cfg
+        self.text = TextEncoder(text_cfg)
+        self.denoiser = build_model(denoiser_cfg)
+
+    def encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = tokenize(captions, self.text_cfg)
+        ids, mask = ids.to(device), mask.to(device)
+        return self.text(ids, mask), mask
+
+    def forward(self, images: torch.Tensor, captions: list[str], t: torch.Tensor, noise: torch.Tensor,
+                process: str) -> torch.Tensor:
+        tokens, mask = self.encode(captions, images.device)
+        return flow.training_loss(self.denoiser, images, tokens, mask, t, noise, process)
+
+
+class TextToImageJob(Job):
+    name = "t2i"
+    Config = Config
+
+    def check(self, cfg: DictConfig, world_size: int) -> None:
+        model_configs(cfg)
+        if not cfg.data.path:
+            raise ConfigError("config key 'data.path': set it to a split folder with index.json "
+                              "(`scaleyard data build fashion_mnist --out data/fashion_mnist`)")
+
+    def build(self, cfg: DictConfig, ctx: Context) -> JobParts:
+        self.cfg, self.ctx = cfg, ctx
+        self.denoiser_cfg, self.text_cfg = model_configs(cfg)
+        index = load_index(cfg.data.path)
+        self.field = "image.npy" if "image.npy" in index.schema else "image.png"
+        shape = index.extra.get("image_shape", [1, 28, 28])
+        if [self.denoiser_cfg.channels, self.denoiser_cfg.image_size] != [shape[0], shape[1]]:
+            raise ConfigError(
+                f"config key 'model.preset': {cfg.model.preset} expects {self.denoiser_cfg.channels}x"
+                f"{self.denoiser_cfg.image_size}px images, {cfg.data.path} holds {shape[0]}x{shape[1]}px"
+            )
+        decode = Compose((ImageDecoder(field=self.field, symmetric=True), CaptionDecoder()))
+        stream = ShardStream(index, _stream_config(cfg), decode=decode, collate=stack,
+                             batch_per_rank=cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum),
+                             rank=ctx.rank, world_size=ctx.world_size, required=(self.field, "txt"))
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.run.seed)
+            model = TextToImage(self.denoiser_cfg, self.text_cfg)
+        self._classifier = None
+        return JobParts(model=model, train_data=stream)
+
+    def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        device = self.ctx.device
+        images = batch["image"].to(device)
+        drop = torch.rand(len(images)) < self.cfg.model.caption_dropout
+        captions = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop.tolist())]
+        t = flow.sample_timesteps(len(images), None, device)
+        noise = torch.randn_like(images)
+        loss = model(images, captions, t, noise, self.cfg.model.process).mean()
+        return loss, {}
+
+    def evaluate(self, model: nn.Module, step: int) -> EvalResult:
+        from scaleyard.jobs.t2i.evaluation import evaluate
+
+        return evaluate(self, model, step)
+
+    @staticmethod
+    def model_size(cfg: DictConfig) -> int:
+        """The denoiser's parameters: the text encoder is the same small network at every size."""
+        return count_parameters(model_configs(cfg)[0])
+
+    @staticmethod
+    def flops_per_sample(cfg: DictConfig) -> float:
+        denoiser, text = model_configs(cfg)
+        return flops_per_sample(denoiser) + text_encoder_flops(text)
+
+
+def _stream_config(cfg: DictConfig) -> StreamConfig:
+    d = cfg.data
+    return StreamConfig(seed=cfg.run.seed, lanes=d.lanes, shuffle_block=d.shuffle_block, num_workers=d.num_workers,
+                        shard_base=d.shard_base, verify_hashes=d.verify_hashes, max_skip_share=d.max_skip_share)
+
+
+def eval_stream(cfg: DictConfig, field: str, count: int, batch: int):
+    """The first `count` samples of the eval split in a fixed order (image, caption, label)."""
+    index = load_index(cfg.data.eval_path)
+    parts = [ImageDecoder(field=field, symmetric=True), CaptionDecoder()]
+    if "cls" in index.schema:
+        parts.append(LabelDecoder())
+    stream = ShardStream(index, StreamConfig(seed=0, lanes=1, shuffle_block=1), decode=Compose(tuple(parts)),
+                         collate=stack, batch_per_rank=batch)
+    seen = 0
+    for item in stream:
+        take = min(len(item["caption"]), count - seen)
+        yield {k: v[:take] for k, v in item.items() if k in ("image", "caption", "label")}
+        seen += take
+        if seen >= count:
+            return
+
+
+JOB = TextToImageJob
+__all__ = ["JOB", "presets"]

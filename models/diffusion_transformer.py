@@ -1,0 +1,202 @@
+"""Text-to-image diffusion transformers: DiT-adaLN, DiT-cross and U-ViT.
+
+All three map (noisy image x_t [B, C, H, W], time t [B] in [0, 1], text tokens [B, T, text_dim],
+text mask [B, T]) to a prediction of the same shape as x_t (a velocity for flow matching).
+- DiT-adaLN (Peebles & Xie): pooled text + time condition every block through adaLN-Zero.
+- DiT-cross (PixArt-style): time through adaLN-Zero, text through a cross-attention per block.
+- U-ViT (Bao et al.): time, text and image tokens in one sequence, long skips between the
+  in- and out-blocks, no adaLN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scaleyard.models.transformer import MLP, Attention, PatchEmbed, TimestepEmbedding, modulate, sincos_2d, unpatchify
+
+ARCHITECTURES = ("dit_adaln", "dit_cross", "uvit")
+
+
+@dataclass(frozen=True)
+class DiffusionTransformerConfig:
+    arch: str = "uvit"
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    patch: int = 2
+    image_size: int = 28
+    channels: int = 1
+    text_dim: int = 128  # width of the text encoder's token embeddings
+    text_len: int = 16  # text tokens the model sees (U-ViT's sequence includes them)
+    mlp_ratio: float = 4.0
+    conv_out: bool = False  # U-ViT's optional 3x3 conv after unpatchify
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.image_size % self.patch:
+            raise ValueError(f"image size {self.image_size} is not divisible by the patch size {self.patch}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.arch == "uvit" and self.depth % 2 == 0:
+            raise ValueError(f"U-ViT depth counts in-blocks + mid block + out-blocks and must be odd, got {self.depth}")
+
+    @property
+    def side(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def image_tokens(self) -> int:
+        return self.side**2
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiffusionTransformerConfig, cross: bool):
+        super().__init__()
+        d = cfg.width
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(d, cfg.mlp_ratio)
+        self.cross = Attention(d, cfg.heads, context_dim=d) if cross else None
+        self.norm_cross = nn.LayerNorm(d, eps=1e-6) if cross else None
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        nn.init.zeros_(self.ada[1].weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context, mask)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """DiT-adaLN (`arch="dit_adaln"`) and DiT-cross (`arch="dit_cross"`)."""
+
+    def __init__(self, cfg: DiffusionTransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, cross = cfg.width, cfg.arch == "dit_cross"
+        self.patch_embed = PatchEmbed(cfg.channels, cfg.patch, d)
+        self.register_buffer("pos", sincos_2d(d, cfg.side)[None], persistent=False)
+        self.time = TimestepEmbedding(d)
+        self.text_proj = nn.Linear(cfg.text_dim, d)  # pooled text (adaLN) or text tokens (cross)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, cross) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.out = nn.Linear(d, cfg.patch**2 * cfg.channels)
+        for layer in (self.final_ada[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x) + self.pos
+        c = self.time(t)
+        if self.cfg.arch == "dit_adaln":
+            weights = text_mask.to(text.dtype)[..., None]
+            pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            c = c + self.text_proj(pooled)
+            context = mask = None
+        else:
+            context, mask = self.text_proj(text), text_mask
+        for block in self.blocks:
+            tokens = block(tokens, c, context, mask)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        tokens = self.out(modulate(self.final_norm(tokens), shift, scale))
+        return unpatchify(tokens, self.cfg.channels, self.cfg.patch, self.cfg.side)
+
+
+class UViTBlock(nn.Module):
+    def __init__(self, cfg: DiffusionTransformerConfig, skip: bool):
+        super().__init__()
+        d = cfg.width
+        self.skip = nn.Linear(2 * d, d) if skip else None
+        self.norm1, self.attn = nn.LayerNorm(d), Attention(d, cfg.heads)
+        self.norm2, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip is not None:
+            x = self.skip(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x), context_mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class UViT(nn.Module):
+    def __init__(self, cfg: DiffusionTransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = PatchEmbed(cfg.channels, cfg.patch, d)
+        self.time = TimestepEmbedding(d)
+        self.text_proj = nn.Linear(cfg.text_dim, d)
+        self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.text_len + cfg.image_tokens, d))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        half = cfg.depth // 2  # depth = half in-blocks + 1 mid block + half out-blocks
+        self.in_blocks = nn.ModuleList(UViTBlock(cfg, skip=False) for _ in range(half))
+        self.mid = UViTBlock(cfg, skip=False)
+        self.out_blocks = nn.ModuleList(UViTBlock(cfg, skip=True) for _ in range(half))
+        self.final_norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, cfg.patch**2 * cfg.channels)
+        self.conv = nn.Conv2d(cfg.channels, cfg.channels, 3, padding=1) if cfg.conv_out else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        tokens = torch.cat([self.time(t)[:, None], self.text_proj(text), self.patch_embed(x)], dim=1) + self.pos
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=x.device)
+        image = torch.ones(batch, self.cfg.image_tokens, dtype=torch.bool, device=x.device)
+        mask = torch.cat([ones, text_mask.bool(), image], dim=1)
+        skips = []
+        for block in self.in_blocks:
+            tokens = block(tokens, mask)
+            skips.append(tokens)
+        tokens = self.mid(tokens, mask)
+        for block in self.out_blocks:
+            tokens = block(tokens, mask, skips.pop())
+        tokens = self.out(self.final_norm(tokens[:, -self.cfg.image_tokens :]))
+        images = unpatchify(tokens, self.cfg.channels, self.cfg.patch, self.cfg.side)
+        return self.conv(images) if self.conv is not None else images
+
+
+def build_model(cfg: DiffusionTransformerConfig) -> nn.Module:
+    return UViT(cfg) if cfg.arch == "uvit" else DiT(cfg)
+
+
+def count_parameters(cfg: DiffusionTransformerConfig) -> int:
+    """Exact trainable parameter count, without allocating the weights (meta device)."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(cfg: DiffusionTransformerConfig) -> float:
+    """Training FLOPs (forward + backward = 3 x forward, 2 FLOPs per multiply-add) of one sample.
+    Per-token matmuls scale with the tokens they see; attention scores with tokens^2; adaLN
+    modulation and the time MLP run once per sample (the correction torchtitan's Flux applies)."""
+    d, depth, s, t = cfg.width, cfg.depth, cfg.image_tokens, cfg.text_len
+    hidden = int(d * cfg.mlp_ratio)
+    per_token_block = 4 * d * d + 2 * d * hidden  # qkv + proj + MLP
+    patch_in = cfg.channels * cfg.patch**2 * d
+    patch_out = d * cfg.patch**2 * cfg.channels
+    time_mlp = 256 * d + d * d
+    if cfg.arch == "uvit":
+        n = 1 + t + s
+        macs = depth * (n * per_token_block + 2 * n * n * d)
+        macs += (depth // 2) * n * 2 * d * d  # long-skip projections
+        macs += s * patch_in + t * cfg.text_dim * d + s * patch_out + time_mlp
+        if cfg.conv_out:
+            macs += cfg.image_size**2 * cfg.channels**2 * 9
+    else:
+        macs = depth * (s * per_token_block + 2 * s * s * d + 6 * d * d)  # adaLN: once per sample
+        macs += s * patch_in + s * patch_out + 2 * d * d + time_mlp
+        if cfg.arch == "dit_cross":
+            macs += depth * (s * 2 * d * d + t * 2 * d * d + 2 * s * t * d)  # q/proj, k/v, scores
+            macs += t * cfg.text_dim * d
+        else:
+            macs += cfg.text_dim * d  # pooled text projection
+    return 6.0 * macs
