@@ -31,9 +31,10 @@ system-deps:
 $(DATA): | $(INSTALLED) system-deps
 	$(SY) data build fashion_mnist --out data/fashion_mnist --overwrite
 
+# The headline job: an IsoFLOP ladder of U-ViT and DiT-cross text-to-image models, run locally
+# through submitit, then scaling-law fits and runs/demo/report.md (about 10-15 minutes on 2 cores).
 demo: install system-deps $(DATA)
-	$(SY) run classify run.dir=runs/demo/classify
-	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/demo --host 127.0.0.1"
+	$(PY) -m scaleyard.jobs.t2i.demo --out runs/demo --data data/fashion_mnist
 
 # The SLURM tests need a cluster: start the local one when `sinfo` finds none, stop it after.
 test: install system-deps

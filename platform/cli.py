@@ -155,6 +155,39 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from scaleyard.models.diffusion_transformer import count_parameters, flops_per_sample
+    from scaleyard.models.presets import presets
+
+    print(f"{'preset':22s} {'params':>15s} {'width':>6s} {'depth':>6s} {'heads':>6s} {'tokens':>7s} "
+          f"{'train FLOPs/sample':>19s}")
+    for name, cfg in presets().items():
+        print(f"{name:22s} {count_parameters(cfg):>15,d} {cfg.width:>6d} {cfg.depth:>6d} {cfg.heads:>6d} "
+              f"{cfg.image_tokens:>7d} {flops_per_sample(cfg):>19.4g}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+
+    from scaleyard.platform.sweep import launch
+    from scaleyard.slurm.monitor import format_table, run_dirs, run_status
+
+    spec = Path(args.spec)
+    sweep_dir = Path(args.dir) if args.dir else Path("runs") / "sweeps" / spec.stem
+    result = launch(spec, sweep_dir, args.cluster, args.profile)
+    print(f"sweep {sweep_dir}: {result['runs']} runs, submitted {len(result['submitted'])}, "
+          f"skipped {len(result['skipped'])} (finished or queued)")
+    while args.wait:
+        rows = [run_status(d) for d in run_dirs(sweep_dir)]
+        if all(r["state"].split(" ")[0] in ("COMPLETED", "FINISHED", "FAILED", "CANCELLED", "TIMEOUT")
+               or r["state"] == "" for r in rows):
+            print(format_table(rows))
+            return 0 if all((Path(r["run"]) / "summary.json").exists() for r in rows) else 1
+        time.sleep(5)
+    return 0
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     from scaleyard.data_loaders.builders import build
 
@@ -228,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--rank", type=int, default=0)
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(func=cmd_logs)
+
+    sub.add_parser("models", help="model presets with exact parameter counts and FLOPs").set_defaults(func=cmd_models)
+    sweep = sub.add_parser("sweep", help="launch (or resume) a sweep from a YAML spec as one job array")
+    sweep.add_argument("spec")
+    sweep.add_argument("--dir", default=None, help="sweep folder (default: runs/sweeps/<spec name>)")
+    sweep.add_argument("--cluster", choices=("local", "slurm"), default="local")
+    sweep.add_argument("--profile", default=None)
+    sweep.add_argument("--wait", action="store_true", help="return when every run has ended")
+    sweep.set_defaults(func=cmd_sweep)
 
     scaling = sub.add_parser("scaling", help="fit scaling laws to a sweep folder or a CSV of runs")
     scaling.add_argument("path")
