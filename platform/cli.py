@@ -35,16 +35,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claim_run_dir(prepared) -> str:
+    """'new' / 'resume' (config.yaml written) or 'finished' (said so); refuses a folder that holds
+    a different run."""
+    from scaleyard.platform.launch import check_run_dir, read_summary, write_config
+
+    state = check_run_dir(prepared)
+    if state == "finished":
+        print(f"{prepared.run_dir} already finished: {json.dumps(read_summary(prepared.run_dir))}")
+    else:
+        write_config(prepared)
+    return state
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from scaleyard.platform.distributed import env_from_os
     from scaleyard.platform.launch import (
         EXIT_PREEMPTED,
-        check_run_dir,
         prepare,
-        read_summary,
         run_here,
         run_local,
-        write_config,
     )  # fmt: skip
     from scaleyard.platform.trainer import Preempted
 
@@ -58,11 +68,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             logging.getLogger("scaleyard").warning("%s", stop)
             return EXIT_PREEMPTED
         return 0
-    state = check_run_dir(prepared)
+    state = _claim_run_dir(prepared)
     if state == "finished":
-        print(f"{prepared.run_dir} already finished: {json.dumps(read_summary(prepared.run_dir))}")
         return 0
-    write_config(prepared)
     print(f"run folder: {prepared.run_dir} ({'resuming' if state == 'resume' else 'new run'})", flush=True)
     if args.nproc > 1:
         return run_local(prepared, args.nproc)
@@ -79,7 +87,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import shlex
     import tempfile
 
-    from scaleyard.platform.launch import check_run_dir, prepare, read_summary, write_config
+    from scaleyard.platform.launch import prepare
     from scaleyard.slurm.launch import make_executor, sbatch_script, submit_run
     from scaleyard.slurm.profiles import apply_overrides, check_job_name, check_profile, load_profile
     from scaleyard.slurm.task import RunTask
@@ -103,11 +111,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
               f"{shlex.quote(run_dir)}\n# overrides: {json.dumps(task.overrides)}")
         print(script)
         return 0
-    state = check_run_dir(prepared)
-    if state == "finished":
-        print(f"{run_dir} already finished: {json.dumps(read_summary(prepared.run_dir))}")
+    if _claim_run_dir(prepared) == "finished":
         return 0
-    write_config(prepared)
     submission = submit_run(task, args.cluster, profile, job_name)
     print(f"submitted job {submission.job_id} to {args.cluster} ({profile.world_size} task(s)); run folder {run_dir}")
     return 0

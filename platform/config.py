@@ -87,6 +87,31 @@ class DataConfig:
     max_skip_share: float = bounded(0.01, 0.0, 0.99)
 
 
+@dataclass
+class TrainingConfig:
+    """The sections every training job has; a job's Config subclasses it and adds its own."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def batch_per_rank(cfg: DictConfig, world_size: int) -> int:
+    """Samples one rank takes per micro-batch (`check_batch` guarantees it divides)."""
+    return cfg.train.batch_size // (world_size * cfg.train.grad_accum)
+
+
+def stream_config(cfg: DictConfig):
+    """The reader settings of `cfg.data` (seeded by run.seed)."""
+    from scaleyard.data_loaders.pipeline import StreamConfig
+
+    d = cfg.data
+    return StreamConfig(seed=cfg.run.seed, lanes=d.lanes, shuffle_block=d.shuffle_block, num_workers=d.num_workers,
+                        shard_base=d.shard_base, verify_hashes=d.verify_hashes, max_skip_share=d.max_skip_share)
+
+
 def resolve(config_cls: type, preset_files: list[Path], overrides: list[str]) -> DictConfig:
     """Structured defaults <- presets (in order) <- command-line dotlist."""
     cfg = OmegaConf.structured(config_cls)

@@ -76,12 +76,11 @@ def fit_power_law(runs: Runs, bootstrap: int = 0, seed: int = 0) -> Fit:
 
 
 def _frontier(runs: Runs) -> Runs:
-    budgets = np.unique(runs.compute)
-    if len(budgets) < 3:
-        budgets_ok = runs  # few distinct budgets: fit all runs
-        return budgets_ok
-    best = [np.flatnonzero(runs.compute == c)[np.argmin(runs.loss[runs.compute == c])] for c in budgets]
-    return runs.subset(np.array(best))
+    """The best run of each budget (budgets within 5% are one: whole steps round compute down)."""
+    groups = isoflop_groups(runs)
+    if len(groups) < 3:
+        return runs  # too few budgets for a frontier: fit all runs
+    return runs.subset(np.array([g[np.argmin(runs.loss[g])] for g in groups]))
 
 
 # --- IsoFLOP parabolas ----------------------------------------------------------------------
@@ -121,8 +120,11 @@ def fit_isoflop(runs: Runs, bootstrap: int = 0, seed: int = 0) -> tuple[Fit, lis
             a, b, c = np.polyfit(np.log10(runs.params[group]), runs.loss[group], 2)
             if a > 0:
                 log_n = -b / (2 * a)
+                sizes = runs.params[group]
                 per_budget.append({"compute": float(np.mean(runs.compute[group])), "optimal_params": float(10**log_n),
-                                   "optimal_loss": float(c - b * b / (4 * a))})
+                                   "optimal_loss": float(c - b * b / (4 * a)),
+                                   # a vertex outside the sampled sizes is an extrapolation: widen the ladder
+                                   "inside_sampled_sizes": bool(sizes.min() <= 10**log_n <= sizes.max())})
     return _with_intervals(runs, _isoflop, bootstrap, seed, stratify=True), per_budget
 
 
@@ -178,8 +180,9 @@ def fit_chinchilla(runs: Runs, bootstrap: int = 0, seed: int = 0, delta: float =
     values = _chinchilla_from(runs, starts, delta, keep=keep_starts)
     fit = Fit(values)
     if bootstrap:
-        best_start = [np.array([np.log(values["A"]), np.log(values["B"]), np.log(values["E"]), values["alpha"],
-                                values["beta"]])]
+        floor = 1e-12  # a fitted E (or A, B) of ~0 would start the resamples at log(0)
+        best_start = [np.array([np.log(max(values["A"], floor)), np.log(max(values["B"], floor)),
+                                np.log(max(values["E"], floor)), values["alpha"], values["beta"]])]
         # each resample starts from the full-data optimum: the grid search is what makes fits
         # expensive, and the resampled optimum lies close to it
         fit.intervals = _bootstrap(runs, lambda r: _chinchilla_from(r, best_start, delta), bootstrap, seed)

@@ -80,6 +80,13 @@ def markdown(report: dict[str, Any]) -> str:
             low, high = fit["ci95"].get(key, (float("nan"), float("nan")))
             lines.append(f"| {key} | {value:.4g} | {low:.4g} - {high:.4g} |")
         lines.append("")
+    optima = report.get("isoflop", {}).get("per_budget", [])
+    if optima:
+        lines += ["## IsoFLOP optimum per budget", "",
+                  "| compute (FLOPs) | N* | loss at N* | inside the sampled sizes |", "|---|---|---|---|"]
+        lines += [f"| {o['compute']:.3g} | {o['optimal_params']:.3g} | {o['optimal_loss']:.4g} | "
+                  f"{'yes' if o['inside_sampled_sizes'] else 'no (extrapolated)'} |" for o in optima]
+        lines.append("")
     if "compute_optimal" in report:
         lines += ["## Compute-optimal size per budget (parametric fit)", "", "| compute (FLOPs) | N* | D* |",
                   "|---|---|---|"]

@@ -78,32 +78,37 @@ def submit_run(task: RunTask, cluster: str, profile: ClusterProfile, job_name: s
 def submit_array(tasks: list[RunTask], cluster: str, profile: ClusterProfile, job_name: str, folder: Path,
                  concurrency: int) -> list[Submission]:
     """Many runs as one job array, at most `concurrency` at a time. On SLURM this is one sbatch
-    with `--array=0-N%concurrency`; locally the same limit is applied by starting the runs in
-    waves of `concurrency` (this call then returns when the last wave has started)."""
+    with `--array=0-N%concurrency`; locally the same limit is kept by starting each run when a
+    slot frees up (this call then returns when the last run has started)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     submissions = []
-    if cluster == "slurm":
-        executor = make_executor(cluster, profile, folder, job_name, array_parallelism=concurrency)
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
-        waves = [list(zip(tasks, jobs))]
-    else:
-        executor = make_executor(cluster, profile, folder, job_name)
-        waves = []
-        for start in range(0, len(tasks), concurrency):
-            if waves:
-                for _, job in waves[-1]:
-                    job.wait()
-            wave = tasks[start : start + concurrency]
-            with executor.batch():
-                jobs = [executor.submit(task) for task in wave]
-            waves.append(list(zip(wave, jobs)))
-    for task, job in (pair for wave in waves for pair in wave):
+
+    def record(task: RunTask, job: submitit.Job) -> None:
         submission = Submission(str(job.job_id), cluster, str(folder), profile.name, profile.world_size, time.time())
         Path(task.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(task.run_dir) / SUBMISSION_FILE).write_text(json.dumps(asdict(submission), indent=1))
         submissions.append(submission)
+
+    if cluster == "slurm":
+        executor = make_executor(cluster, profile, folder, job_name, array_parallelism=concurrency)
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+        for task, job in zip(tasks, jobs):
+            record(task, job)
+    else:
+        # submitit's local executor has no array throttle: keep `concurrency` runs going and start
+        # the next one as soon as any ends (this call returns once the last one has started).
+        executor = make_executor(cluster, profile, folder, job_name)
+        running: list[submitit.Job] = []
+        for task in tasks:
+            while len(running) >= concurrency:
+                running = [job for job in running if not job.done()]
+                if len(running) >= concurrency:
+                    time.sleep(0.5)
+            job = executor.submit(task)
+            running.append(job)
+            record(task, job)
     return submissions
 
 

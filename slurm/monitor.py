@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,10 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             row["state"] = job_of(submission).state
         except Exception as err:  # noqa: BLE001 - a status table must not die on one run
             row["state"] = f"UNKNOWN ({type(err).__name__})"
+        if submission.cluster == "local" and row["state"].startswith("NO PROCESS"):
+            # submitit only knows a local job's state in the process that started it; from here,
+            # the job id is the pid of its runner
+            row["state"] = "RUNNING" if _alive(int(submission.job_id)) else "FAILED"
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
         row.update(step=summary.get("step"), loss=summary.get("final_loss"))
@@ -45,6 +50,16 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         row["requeues"] = max((a["restart_count"] for a in lines), default=0)
         row["starts"] = len(lines)
     return row
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -20,15 +20,7 @@ from scaleyard.data_loaders.decoders import Compose, ImageDecoder, LabelDecoder
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
 from scaleyard.models.classifier import ClassifierConfig, ConvClassifier, classifier_flops_per_sample
-from scaleyard.platform.config import (
-    ConfigError,
-    DataConfig,
-    EngineConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
-    bounded,
-)  # fmt: skip
+from scaleyard.platform.config import ConfigError, DataConfig, TrainingConfig, batch_per_rank, bounded, stream_config
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
 
 
@@ -46,11 +38,7 @@ class EvalConfig:
 
 
 @dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+class Config(TrainingConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(path="data/fashion_mnist/train",
                                                                  eval_path="data/fashion_mnist/test"))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -79,7 +67,7 @@ class Classify(Job):
         decode = Compose((ImageDecoder(flip=cfg.flip, seed=cfg.run.seed), LabelDecoder()))
         stream = ShardStream(
             index, stream_config(cfg), decode=decode, collate=stack,
-            batch_per_rank=cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum),
+            batch_per_rank=batch_per_rank(cfg, ctx.world_size),
             rank=ctx.rank, world_size=ctx.world_size,
         )  # fmt: skip
         self.model_cfg = model_config(cfg, shape[0], shape[1], classes)
@@ -116,12 +104,6 @@ class Classify(Job):
     def state_dict(self) -> dict:
         # The architecture travels with the weights, so other jobs can rebuild the network.
         return {"model_config": dataclasses.asdict(self.model_cfg)}
-
-
-def stream_config(cfg: DictConfig) -> StreamConfig:
-    d = cfg.data
-    return StreamConfig(seed=cfg.run.seed, lanes=d.lanes, shuffle_block=d.shuffle_block, num_workers=d.num_workers,
-                        shard_base=d.shard_base, verify_hashes=d.verify_hashes, max_skip_share=d.max_skip_share)
 
 
 def eval_batches(cfg: DictConfig, batch_size: int):

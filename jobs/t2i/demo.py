@@ -25,7 +25,7 @@ from scaleyard.platform.scaling_report import write_report
 
 ARCHS = ("uvit", "dit_cross")
 SIZES = ("xs", "s", "m")
-BUDGETS = (1e12, 2e12, 4e12)
+BUDGETS = (3e11, 6e11, 1.2e12)
 
 
 def scaleyard(*args: str) -> None:
@@ -91,7 +91,7 @@ def report(out: Path, by_arch: dict[str, list[dict]], minutes: float) -> Path:
             same = [r["eval"]["loss"] for r in rows if np.isclose(r["compute_flops"], budget, rtol=0.05)]
             best[arch] = min(same) if same else float("nan")
         winner = min(best, key=lambda a: best[a]) if all(np.isfinite(list(best.values()))) else "-"
-        lines.append(f"| {budget:.0e} | {best.get('uvit', float('nan')):.4f} | "
+        lines.append(f"| {budget:.2g} | {best.get('uvit', float('nan')):.4f} | "
                      f"{best.get('dit_cross', float('nan')):.4f} | {winner} |")
     lines += ["", "Tiny models and budgets on 2 CPU cores: the fits show the machinery, not the paper's result.", ""]
     path = out / "report.md"

@@ -29,13 +29,12 @@ from scaleyard.models.text_encoder import TextEncoder, TextEncoderConfig, text_e
 from scaleyard.platform.config import (
     ConfigError,
     DataConfig,
-    EngineConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
+    TrainingConfig,
+    batch_per_rank,
     bounded,
     choice,
-)  # fmt: skip
+    stream_config,
+)
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
 
 
@@ -59,11 +58,7 @@ class EvalConfig:
 
 
 @dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+class Config(TrainingConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(path="data/fashion_mnist/train",
                                                                  eval_path="data/fashion_mnist/test"))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -122,8 +117,8 @@ class TextToImageJob(Job):
                 f"{self.denoiser_cfg.image_size}px images, {cfg.data.path} holds {shape[0]}x{shape[1]}px"
             )
         decode = Compose((ImageDecoder(field=self.field, symmetric=True), CaptionDecoder()))
-        stream = ShardStream(index, _stream_config(cfg), decode=decode, collate=stack,
-                             batch_per_rank=cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum),
+        stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
+                             batch_per_rank=batch_per_rank(cfg, ctx.world_size),
                              rank=ctx.rank, world_size=ctx.world_size, required=(self.field, "txt"))
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed)
@@ -155,12 +150,6 @@ class TextToImageJob(Job):
     def flops_per_sample(cfg: DictConfig) -> float:
         denoiser, text = model_configs(cfg)
         return flops_per_sample(denoiser) + text_encoder_flops(text)
-
-
-def _stream_config(cfg: DictConfig) -> StreamConfig:
-    d = cfg.data
-    return StreamConfig(seed=cfg.run.seed, lanes=d.lanes, shuffle_block=d.shuffle_block, num_workers=d.num_workers,
-                        shard_base=d.shard_base, verify_hashes=d.verify_hashes, max_skip_share=d.max_skip_share)
 
 
 def eval_stream(cfg: DictConfig, field: str, count: int, batch: int):

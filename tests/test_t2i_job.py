@@ -1,0 +1,98 @@
+"""The t2i job end to end (real shards, real classifier metrics), its resume, and sweeps."""
+
+import json
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_resume import kill_while_writing
+
+from conftest import scaleyard
+
+
+@pytest.fixture(scope="module")
+def classifier(fmnist, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("classifier")
+    done = scaleyard("run", "classify", "--preset", "tiny", f"data.path={fmnist}/train",
+                     f"data.eval_path={fmnist}/test", f"run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def t2i_args(fmnist, run_dir, *extra):
+    return ["run", "t2i", "--preset", "tiny", f"data.path={fmnist}/train", f"data.eval_path={fmnist}/test",
+            f"run.dir={run_dir}", *extra]
+
+
+def test_t2i_trains_evaluates_and_logs_samples(tmp_path, fmnist, classifier):
+    done = scaleyard(*t2i_args(fmnist, tmp_path, f"eval.classifier={classifier}", "train.ema_decay=0.99"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    metrics = summary["eval"]
+    assert {"loss", "loss_t0.1", "loss_t0.9", "frechet_distance", "caption_accuracy"} <= metrics.keys()
+    assert metrics["frechet_distance"] > 0 and 0 <= metrics["caption_accuracy"] <= 1
+    assert summary["params"] < summary["compute_flops"] and summary["samples_seen"] == 8 * 16
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert "eval/samples" in events.Tags()["images"]
+    assert "perf/tflops_per_device" in events.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("arch", ["dit_adaln", "dit_cross"])
+def test_t2i_resume_is_exact(tmp_path, fmnist, arch):
+    extra = [f"model.preset={arch}-cpu-xs", "eval.samples=0", "train.steps=12", "train.ckpt_every=4"]
+    reference = scaleyard(*t2i_args(fmnist, tmp_path / "ref", *extra))
+    assert reference.returncode == 0, reference.stderr
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "scaleyard.platform.cli", *t2i_args(fmnist, run_dir, *extra)]
+    kill_while_writing(command, run_dir / "checkpoints", 12)
+    resumed = scaleyard(*t2i_args(fmnist, run_dir, *extra))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "ref", run_dir))
+    assert first["weights_sha256"] == second["weights_sha256"]
+
+
+def test_t2i_bad_inputs(tmp_path, fmnist):
+    unknown = scaleyard(*t2i_args(fmnist, tmp_path / "a", "model.preset=uvit-huge"))
+    assert unknown.returncode == 2 and "known presets: dit_adaln-cpu-xs" in unknown.stderr
+    wrong_size = scaleyard(*t2i_args(fmnist, tmp_path / "b", "model.preset=uvit-0.3B"))
+    assert wrong_size.returncode == 2 and "expects 4x32px images" in wrong_size.stderr
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def write_spec(path, fmnist, body):
+    base = [f"data.path={fmnist}/train", f"data.eval_path={fmnist}/test", "train.batch_size=16", "eval.samples=0"]
+    path.write_text(json.dumps({"job": "t2i", "preset": "tiny", "base": base, **body}))  # JSON is YAML
+    return path
+
+
+def test_isoflop_sweep_runs_resumes_and_fits(tmp_path, fmnist):
+    spec = write_spec(tmp_path / "ladder.yaml", fmnist, {
+        "isoflop": {"values": ["uvit-cpu-xs", "dit_cross-cpu-xs"], "budgets": [6e9, 1.2e10]}, "concurrency": 2})
+    sweep_dir = tmp_path / "sweep"
+    done = scaleyard("sweep", str(spec), "--dir", str(sweep_dir), "--wait", timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 4
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
+    assert len(summaries) == 4
+    for summary in summaries:  # steps come from the budget: compute lands within one step of it
+        budget = 6e9 if summary["compute_flops"] < 9e9 else 1.2e10
+        assert budget - summary["compute_flops"] < summary["compute_flops"] / summary["step"]
+    again = scaleyard("sweep", str(spec), "--dir", str(sweep_dir))
+    assert again.returncode == 0 and "submitted 0, skipped 4" in again.stdout
+    rows = json.loads(scaleyard("status", str(sweep_dir), "--json").stdout)
+    assert len(rows) == 4 and all(r["state"] == "FINISHED" for r in rows)
+
+
+def test_sweep_specs_are_checked_before_queueing(tmp_path, fmnist):
+    no_axes = write_spec(tmp_path / "a.yaml", fmnist, {})
+    done = scaleyard("sweep", str(no_axes), "--dir", str(tmp_path / "a"))
+    assert done.returncode == 2 and "has no axes" in done.stderr
+    tiny_budget = write_spec(tmp_path / "b.yaml", fmnist, {"isoflop": {"values": ["uvit-cpu-s"], "budgets": [1e6]}})
+    done = scaleyard("sweep", str(tiny_budget), "--dir", str(tmp_path / "b"))
+    assert done.returncode == 2 and "too small for one step of model.preset=uvit-cpu-s" in done.stderr
+    bad_value = write_spec(tmp_path / "c.yaml", fmnist, {"grid": {"optim.lr": ["fast"]}})
+    done = scaleyard("sweep", str(bad_value), "--dir", str(tmp_path / "c"))
+    assert done.returncode == 2 and "'optim.lr'" in done.stderr
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
