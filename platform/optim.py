@@ -55,7 +55,9 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+        # modules a job holds outside the module tree (a frozen encoder) are shared, not copied
+        outside = {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
+        self.shadow = copy.deepcopy(module, memo=outside).eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
         """Warm-up of the decay, (1 + step) / (10 + step) capped at `decay`: without it a short

@@ -96,3 +96,14 @@ def test_sweep_specs_are_checked_before_queueing(tmp_path, fmnist):
     done = scaleyard("sweep", str(bad_value), "--dir", str(tmp_path / "c"))
     assert done.returncode == 2 and "'optim.lr'" in done.stderr
     assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
+
+
+def test_frozen_minilm_text_encoder(tmp_path, fmnist):
+    import torch
+
+    done = scaleyard(*t2i_args(fmnist, tmp_path, "model.text_encoder=minilm", "eval.samples=8", "train.ema_decay=0.9"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = torch.load(tmp_path / "checkpoints" / "step_00000008" / "train_state.pt", weights_only=True)
+    assert state["model"]["denoiser.text_proj.weight"].shape[1] == 384  # MiniLM's token width
+    assert not any(key.startswith(("text.", "frozen")) for key in state["model"])  # package weights not saved
+    assert state["ema"].keys() == state["model"].keys()

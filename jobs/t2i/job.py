@@ -8,6 +8,7 @@ sample grid, Frechet distance and caption accuracy in the `classify` network's f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,13 @@ from scaleyard.models.diffusion_transformer import (
     flops_per_sample,
 )  # fmt: skip
 from scaleyard.models.presets import preset, presets
-from scaleyard.models.text_encoder import TextEncoder, TextEncoderConfig, text_encoder_flops, tokenize
+from scaleyard.models.text_encoder import (
+    FrozenMiniLM,
+    TextEncoder,
+    TextEncoderConfig,
+    text_encoder_flops,
+    tokenize,
+)  # fmt: skip
 from scaleyard.platform.config import (
     ConfigError,
     DataConfig,
@@ -37,10 +44,14 @@ from scaleyard.platform.config import (
 )
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
 
+TEXT_ENCODERS = ("hashed", "minilm")
+MINILM_FLOPS_PER_TOKEN = 2 * 22_713_216  # forward only, frozen
+
 
 @dataclass
 class ModelConfig:
     preset: str = "uvit-cpu-s"
+    text_encoder: str = choice("hashed", TEXT_ENCODERS)  # trainable hashed-word encoder, or frozen MiniLM
     text_depth: int = bounded(2, 1)
     text_heads: int = bounded(4, 1)
     process: str = choice("flow", flow.PROCESSES)
@@ -70,21 +81,29 @@ def model_configs(cfg: DictConfig) -> tuple[DiffusionTransformerConfig, TextEnco
         denoiser = preset(cfg.model.preset)
     except ValueError as err:
         raise ConfigError(f"config key 'model.preset': {err}") from None
+    if cfg.model.text_encoder == "minilm":
+        denoiser = dataclasses.replace(denoiser, text_dim=FrozenMiniLM.width)
     text = TextEncoderConfig(width=denoiser.text_dim, depth=cfg.model.text_depth, heads=cfg.model.text_heads,
                              max_len=denoiser.text_len)
     return denoiser, text
 
 
 class TextToImage(nn.Module):
-    """Text encoder + denoiser behind one forward, so DDP/ZeRO see every trainable call."""
+    """Text encoder + denoiser behind one forward, so DDP/ZeRO see every trainable call. A frozen
+    encoder is held outside the module tree: the engine places it (JobParts.frozen) and
+    checkpoints leave out weights that come from a package."""
 
-    def __init__(self, denoiser_cfg: DiffusionTransformerConfig, text_cfg: TextEncoderConfig):
+    def __init__(self, denoiser_cfg: DiffusionTransformerConfig, text_cfg: TextEncoderConfig,
+                 frozen_text: nn.Module | None = None):
         super().__init__()
         self.text_cfg = text_cfg
-        self.text = TextEncoder(text_cfg)
+        self.text = TextEncoder(text_cfg) if frozen_text is None else None
+        object.__setattr__(self, "frozen_text", frozen_text)  # not a submodule: not trained, not saved
         self.denoiser = build_model(denoiser_cfg)
 
     def encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.frozen_text is not None:
+            return self.frozen_text(captions, device)
         ids, mask = tokenize(captions, self.text_cfg)
         ids, mask = ids.to(device), mask.to(device)
         return self.text(ids, mask), mask
@@ -120,11 +139,14 @@ class TextToImageJob(Job):
         stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
                              batch_per_rank=batch_per_rank(cfg, ctx.world_size),
                              rank=ctx.rank, world_size=ctx.world_size, required=(self.field, "txt"))
+        frozen = {}
+        if cfg.model.text_encoder == "minilm":
+            frozen["text_encoder"] = FrozenMiniLM(self.denoiser_cfg.text_len)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed)
-            model = TextToImage(self.denoiser_cfg, self.text_cfg)
+            model = TextToImage(self.denoiser_cfg, self.text_cfg, frozen.get("text_encoder"))
         self._classifier = None
-        return JobParts(model=model, train_data=stream)
+        return JobParts(model=model, frozen=frozen, train_data=stream)
 
     def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.ctx.device
@@ -149,6 +171,8 @@ class TextToImageJob(Job):
     @staticmethod
     def flops_per_sample(cfg: DictConfig) -> float:
         denoiser, text = model_configs(cfg)
+        if cfg.model.text_encoder == "minilm":
+            return flops_per_sample(denoiser) + MINILM_FLOPS_PER_TOKEN * denoiser.text_len
         return flops_per_sample(denoiser) + text_encoder_flops(text)
 
 
