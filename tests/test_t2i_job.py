@@ -107,3 +107,18 @@ def test_frozen_minilm_text_encoder(tmp_path, fmnist):
     assert state["model"]["denoiser.text_proj.weight"].shape[1] == 384  # MiniLM's token width
     assert not any(key.startswith(("text.", "frozen")) for key in state["model"])  # package weights not saved
     assert state["ema"].keys() == state["model"].keys()
+
+
+def test_t2i_on_shapes_with_its_own_geometry(tmp_path):
+    from scaleyard.data_loaders.builders import build
+
+    build("shapes", tmp_path / "shapes", shard_size=50, limit=100, resolution=32)
+    data = [f"data.path={tmp_path}/shapes/train", f"data.eval_path={tmp_path}/shapes/test", "eval.samples=8"]
+    mismatch = scaleyard("run", "t2i", "--preset", "tiny", *data, f"run.dir={tmp_path}/a")
+    assert mismatch.returncode == 2 and "set model.channels=3 model.image_size=32" in mismatch.stderr
+    bad_patch = scaleyard("run", "t2i", "--preset", "tiny", *data, "model.image_size=30", f"run.dir={tmp_path}/b")
+    assert bad_patch.returncode == 2 and "not divisible by the patch size" in bad_patch.stderr
+    done = scaleyard("run", "t2i", "--preset", "tiny", *data, "model.channels=3", "model.image_size=32",
+                     f"run.dir={tmp_path}/c", "--nproc", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["world_size"] == 2

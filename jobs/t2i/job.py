@@ -52,6 +52,8 @@ MINILM_FLOPS_PER_TOKEN = 2 * 22_713_216  # forward only, frozen
 class ModelConfig:
     preset: str = "uvit-cpu-s"
     text_encoder: str = choice("hashed", TEXT_ENCODERS)  # trainable hashed-word encoder, or frozen MiniLM
+    image_size: int = bounded(0, 0)  # 0: the preset's; set for other data (e.g. 32 for shapes)
+    channels: int = bounded(0, 0)  # 0: the preset's (1 for Fashion-MNIST, 3 for shapes)
     text_depth: int = bounded(2, 1)
     text_heads: int = bounded(4, 1)
     process: str = choice("flow", flow.PROCESSES)
@@ -81,8 +83,17 @@ def model_configs(cfg: DictConfig) -> tuple[DiffusionTransformerConfig, TextEnco
         denoiser = preset(cfg.model.preset)
     except ValueError as err:
         raise ConfigError(f"config key 'model.preset': {err}") from None
+    changes: dict = {}
     if cfg.model.text_encoder == "minilm":
-        denoiser = dataclasses.replace(denoiser, text_dim=FrozenMiniLM.width)
+        changes["text_dim"] = FrozenMiniLM.width
+    if cfg.model.image_size:
+        changes["image_size"] = cfg.model.image_size
+    if cfg.model.channels:
+        changes["channels"] = cfg.model.channels
+    try:
+        denoiser = dataclasses.replace(denoiser, **changes)
+    except ValueError as err:
+        raise ConfigError(f"config keys 'model.image_size' / 'model.preset': {err}") from None
     text = TextEncoderConfig(width=denoiser.text_dim, depth=cfg.model.text_depth, heads=cfg.model.text_heads,
                              max_len=denoiser.text_len)
     return denoiser, text
@@ -133,7 +144,8 @@ class TextToImageJob(Job):
         if [self.denoiser_cfg.channels, self.denoiser_cfg.image_size] != [shape[0], shape[1]]:
             raise ConfigError(
                 f"config key 'model.preset': {cfg.model.preset} expects {self.denoiser_cfg.channels}x"
-                f"{self.denoiser_cfg.image_size}px images, {cfg.data.path} holds {shape[0]}x{shape[1]}px"
+                f"{self.denoiser_cfg.image_size}px images, {cfg.data.path} holds {shape[0]}x{shape[1]}px: "
+                f"set model.channels={shape[0]} model.image_size={shape[1]}"
             )
         decode = Compose((ImageDecoder(field=self.field, symmetric=True), CaptionDecoder()))
         stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
