@@ -303,3 +303,17 @@ def stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
         values = [s[key] for s in samples]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
+
+
+def first_samples(index: ShardIndex, decode: Decode, count: int, batch: int) -> Iterator[dict[str, Any]]:
+    """One pass over the first `count` samples of a split, in an order that never changes
+    (evaluation sets): batches of `batch` (the last one may be smaller)."""
+    stream = ShardStream(index, StreamConfig(seed=0, lanes=1, shuffle_block=1), decode=decode, collate=stack,
+                         batch_per_rank=batch)
+    seen, count = 0, min(count, index.total)
+    for item in stream:
+        take = min(batch, count - seen)
+        yield {k: v[:take] for k, v in item.items() if not k.startswith("_")}
+        seen += take
+        if seen >= count:
+            return

@@ -1,4 +1,4 @@
-"""`scaleyard`: the command line (jobs, config, run, data)."""
+"""`scaleyard`: jobs, config, run, submit, status, cancel, logs, sweep, scaling, models, data."""
 
 from __future__ import annotations
 
@@ -50,12 +50,7 @@ def _claim_run_dir(prepared) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from scaleyard.platform.distributed import env_from_os
-    from scaleyard.platform.launch import (
-        EXIT_PREEMPTED,
-        prepare,
-        run_here,
-        run_local,
-    )  # fmt: skip
+    from scaleyard.platform.launch import EXIT_PREEMPTED, prepare, run_here, run_local
     from scaleyard.platform.trainer import Preempted
 
     env = env_from_os()

@@ -18,7 +18,7 @@ from torch import nn
 
 from scaleyard.data_loaders.decoders import Compose, ImageDecoder, LabelDecoder
 from scaleyard.data_loaders.index import load_index
-from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
+from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
 from scaleyard.models.classifier import ClassifierConfig, ConvClassifier, classifier_flops_per_sample
 from scaleyard.platform.config import ConfigError, DataConfig, TrainingConfig, batch_per_rank, bounded, stream_config
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
@@ -108,17 +108,8 @@ class Classify(Job):
 
 def eval_batches(cfg: DictConfig, batch_size: int):
     """The first `eval.max_samples` samples of the eval split in a fixed order, one pass."""
-    index = load_index(cfg.data.eval_path)
-    count = min(cfg.eval.max_samples, index.total)
-    stream = ShardStream(index, StreamConfig(seed=0, lanes=1, shuffle_block=1), decode=Compose(
-        (ImageDecoder(), LabelDecoder())), collate=stack, batch_per_rank=batch_size)
-    seen = 0
-    for batch in stream:
-        take = min(len(batch["label"]), count - seen)
-        yield {"image": batch["image"][:take], "label": batch["label"][:take]}
-        seen += take
-        if seen >= count:
-            return
+    decode = Compose((ImageDecoder(), LabelDecoder()))
+    return first_samples(load_index(cfg.data.eval_path), decode, cfg.eval.max_samples, batch_size)
 
 
 def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> ConvClassifier:

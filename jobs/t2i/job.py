@@ -17,7 +17,7 @@ from torch import nn
 
 from scaleyard.data_loaders.decoders import CaptionDecoder, Compose, ImageDecoder, LabelDecoder
 from scaleyard.data_loaders.index import load_index
-from scaleyard.data_loaders.pipeline import ShardStream, StreamConfig, stack
+from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
 from scaleyard.models import flow
 from scaleyard.models.diffusion_transformer import (
     DiffusionTransformerConfig,
@@ -25,7 +25,7 @@ from scaleyard.models.diffusion_transformer import (
     count_parameters,
     flops_per_sample,
 )  # fmt: skip
-from scaleyard.models.presets import preset, presets
+from scaleyard.models.presets import preset
 from scaleyard.models.text_encoder import (
     FrozenMiniLM,
     TextEncoder,
@@ -194,16 +194,7 @@ def eval_stream(cfg: DictConfig, field: str, count: int, batch: int):
     parts = [ImageDecoder(field=field, symmetric=True), CaptionDecoder()]
     if "cls" in index.schema:
         parts.append(LabelDecoder())
-    stream = ShardStream(index, StreamConfig(seed=0, lanes=1, shuffle_block=1), decode=Compose(tuple(parts)),
-                         collate=stack, batch_per_rank=batch)
-    seen = 0
-    for item in stream:
-        take = min(len(item["caption"]), count - seen)
-        yield {k: v[:take] for k, v in item.items() if k in ("image", "caption", "label")}
-        seen += take
-        if seen >= count:
-            return
+    return first_samples(index, Compose(tuple(parts)), count, batch)
 
 
 JOB = TextToImageJob
-__all__ = ["JOB", "presets"]
