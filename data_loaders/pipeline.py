@@ -238,9 +238,13 @@ class ShardStream:
     def epoch(self) -> int:
         return self.position // self.spec.total
 
-    @property
-    def skip_share(self) -> float:
-        return self.skipped / max(1, self.seen)
+    # the share is judged over at least this many samples: one bad sample in a run's first batch
+    # is not yet a broken dataset
+    MIN_SAMPLES_FOR_SHARE = 1000
+
+    def too_many_skips(self) -> bool:
+        """More than `max_skip_share` of the samples seen so far were unreadable."""
+        return self.skipped > self.config.max_skip_share * max(self.seen, self.MIN_SAMPLES_FOR_SHARE)
 
     def state_dict(self) -> dict[str, int]:
         return {"global_index": self.position}

@@ -182,10 +182,9 @@ class Trainer:
                     step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accum
             time_due = (cfg.train.ckpt_every_minutes > 0
                         and time.monotonic() - last_ckpt_time >= 60 * cfg.train.ckpt_every_minutes)
-            skip_share = getattr(parts.train_data, "skip_share", 0.0)
+            data_broken = getattr(parts.train_data, "too_many_skips", lambda: False)()
             bad_loss, stop_now, time_due, too_many_skips = engine.any_rank([
-                not bool(torch.isfinite(step_loss)), self.stop.signal is not None, time_due,
-                skip_share > cfg.data.max_skip_share,
+                not bool(torch.isfinite(step_loss)), self.stop.signal is not None, time_due, data_broken,
             ])
             if bad_loss:
                 raise NonFiniteLossError(self._nonfinite_message(step + 1, "loss", checkpointer))
@@ -235,7 +234,7 @@ class Trainer:
             if not finished and (stop_now or time_due or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0)):
                 save(step)
                 last_ckpt_time = time.monotonic()
-            if stop_now:
+            if stop_now and not finished:  # a signal at the last step: finish normally instead
                 writer.close()
                 message = f"stopped by signal after step {step}; resume with the same command"
                 raise Preempted(message, self.stop.signal)
