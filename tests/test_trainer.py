@@ -151,3 +151,34 @@ def test_distributed_env_from_torchrun_and_slurm():
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == (5, 16, 1, "gpu003")
     assert slurm.master_port == 20077
     assert not env_from_os({}).distributed
+
+
+def test_tensorboard_server_serves_the_run(tmp_path, classify_args):
+    """The real TensorBoard server on loopback reads the run's event files."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    train(Classify(), classify_args, tmp_path / "run")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host",
+                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=run/tb&tag=train/loss"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.loads(response.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "TensorBoard did not come up"
+                time.sleep(0.5)
+        assert [step for _, step, _ in points] == [2, 4, 6, 8, 10, 12]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
