@@ -234,10 +234,6 @@ class ShardStream:
     def global_batch(self) -> int:
         return self.batch_per_rank * self.world_size
 
-    @property
-    def epoch(self) -> int:
-        return self.position // self.spec.total
-
     # the share is judged over at least this many samples: one bad sample in a run's first batch
     # is not yet a broken dataset
     MIN_SAMPLES_FOR_SHARE = 1000

@@ -65,14 +65,18 @@ def sbatch_script(executor: submitit.AutoExecutor) -> str:
     return inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN")
 
 
-def submit_run(task: RunTask, cluster: str, profile: ClusterProfile, job_name: str) -> Submission:
-    run_dir = Path(task.run_dir)
-    folder = run_dir / "slurm"
-    executor = make_executor(cluster, profile, folder, job_name)
-    job = executor.submit(task)
+def _record(task: RunTask, job: submitit.Job, cluster: str, folder: Path, profile: ClusterProfile) -> Submission:
+    """Write the run's submission.json (what status, logs and cancel read back)."""
     submission = Submission(str(job.job_id), cluster, str(folder), profile.name, profile.world_size, time.time())
-    (run_dir / SUBMISSION_FILE).write_text(json.dumps(asdict(submission), indent=1))
+    Path(task.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(task.run_dir) / SUBMISSION_FILE).write_text(json.dumps(asdict(submission), indent=1))
     return submission
+
+
+def submit_run(task: RunTask, cluster: str, profile: ClusterProfile, job_name: str) -> Submission:
+    folder = Path(task.run_dir) / "slurm"
+    executor = make_executor(cluster, profile, folder, job_name)
+    return _record(task, executor.submit(task), cluster, folder, profile)
 
 
 def submit_array(tasks: list[RunTask], cluster: str, profile: ClusterProfile, job_name: str, folder: Path,
@@ -83,19 +87,11 @@ def submit_array(tasks: list[RunTask], cluster: str, profile: ClusterProfile, jo
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     submissions = []
-
-    def record(task: RunTask, job: submitit.Job) -> None:
-        submission = Submission(str(job.job_id), cluster, str(folder), profile.name, profile.world_size, time.time())
-        Path(task.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(task.run_dir) / SUBMISSION_FILE).write_text(json.dumps(asdict(submission), indent=1))
-        submissions.append(submission)
-
     if cluster == "slurm":
         executor = make_executor(cluster, profile, folder, job_name, array_parallelism=concurrency)
         with executor.batch():
             jobs = [executor.submit(task) for task in tasks]
-        for task, job in zip(tasks, jobs):
-            record(task, job)
+        submissions = [_record(task, job, cluster, folder, profile) for task, job in zip(tasks, jobs)]
     else:
         # submitit's local executor has no array throttle: keep `concurrency` runs going and start
         # the next one as soon as any ends (this call returns once the last one has started).
@@ -108,7 +104,7 @@ def submit_array(tasks: list[RunTask], cluster: str, profile: ClusterProfile, jo
                     time.sleep(0.5)
             job = executor.submit(task)
             running.append(job)
-            record(task, job)
+            submissions.append(_record(task, job, cluster, folder, profile))
     return submissions
 
 
