@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 PRECISIONS = ("fp32", "bf16")
-ENGINES = ("auto", "single", "ddp")
+ENGINES = ("auto", "single", "ddp", "deepspeed", "megatron")
 BACKENDS = ("auto", "gloo", "nccl")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -55,6 +55,8 @@ class TrainConfig:
     ckpt_every: int = bounded(500, 0)  # steps; 0 = only at the end (and on preemption)
     ckpt_every_minutes: float = bounded(0.0, 0.0)  # wall clock; 0 = off
     keep_checkpoints: int = bounded(2, 1)
+    # recompute each transformer block's activations in backward (models expose `blocks`)
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -71,8 +73,15 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = choice("auto", ENGINES)  # auto: single for one process, ddp for several
+    # auto: the planner's choice on GPUs (platform/planner.py); single/ddp on CPU
+    name: str = choice("auto", ENGINES)
     backend: str = choice("auto", BACKENDS)  # auto: nccl on GPU, gloo on CPU
+    zero_stage: int = bounded(2, 0, 3)  # deepspeed: ZeRO stage
+    offload_optimizer: bool = False  # deepspeed: optimizer states and step on CPU
+    offload_params: bool = False  # deepspeed: parameters on CPU between uses (ZeRO-3 only)
+    tp_size: int = bounded(1, 1)  # megatron: tensor-parallel ranks per model replica
+    sequence_parallel: bool = False  # megatron: shard norms/dropout activations along the sequence
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
 
 
 @dataclass
