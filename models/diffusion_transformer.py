@@ -139,7 +139,7 @@ class UViT(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02)
         half = cfg.depth // 2  # depth = half in-blocks + 1 mid block + half out-blocks
         self.in_blocks = nn.ModuleList(UViTBlock(cfg, skip=False) for _ in range(half))
-        self.mid = UViTBlock(cfg, skip=False)
+        self.mid_block = UViTBlock(cfg, skip=False)
         self.out_blocks = nn.ModuleList(UViTBlock(cfg, skip=True) for _ in range(half))
         self.final_norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, cfg.patch**2 * cfg.channels)
@@ -155,7 +155,7 @@ class UViT(nn.Module):
         for block in self.in_blocks:
             tokens = block(tokens, mask)
             skips.append(tokens)
-        tokens = self.mid(tokens, mask)
+        tokens = self.mid_block(tokens, mask)
         for block in self.out_blocks:
             tokens = block(tokens, mask, skips.pop())
         tokens = self.out(self.final_norm(tokens[:, -self.cfg.image_tokens :]))

@@ -2,7 +2,8 @@
 
 Layout: `<run>/checkpoints/step_00000100/` holds `train_state.pt` (model, optimizer, scheduler,
 EMA, job state, data position, step; written by rank 0 for replicated engines), one
-`rng_rank<R>.pt` per rank, and `meta.json`, written last. Only folders named `step_*` with a
+`rng_rank<R>.pt` per rank (+ `local_rank<R>.pt`, a rank's own state such as EMA partitions), the
+sharded engines' own files (e.g. `deepspeed/`), and `meta.json`, written last. Only folders named `step_*` with a
 `meta.json` count; a crash at any point leaves at most a `.tmp-*` folder, removed at start-up.
 Loading uses `torch.load(weights_only=True)`: no pickled code is ever executed.
 """
@@ -107,15 +108,20 @@ class Checkpointer:
     def _tmp(self, step: int) -> Path:
         return self.folder / f".tmp-step_{step:08d}"
 
-    def save(self, step: int, train_state: dict[str, Any] | None, engine, meta: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. `train_state` is written by rank 0 only."""
+    def save(self, step: int, train_state: dict[str, Any] | None, engine, meta: dict[str, Any],
+             local_state: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. `train_state` is written by rank 0 only; sharded
+        engines write their parts (`engine.save_state`) and `local_state` is written per rank."""
         tmp = self._tmp(step)
         final = self.folder / f"step_{step:08d}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         engine.barrier()
+        engine.save_state(tmp)
         torch.save(capture_rng(), tmp / f"rng_rank{self.rank}.pt")
+        if local_state is not None:
+            torch.save(local_state, tmp / f"local_rank{self.rank}.pt")
         if self.rank == 0 and train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
         engine.barrier()
@@ -134,13 +140,15 @@ class Checkpointer:
         engine.barrier()
         return final
 
-    def load(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def load(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
         state = torch.load(ref.path / "train_state.pt", map_location="cpu", weights_only=True)
         rng_file = ref.path / f"rng_rank{self.rank}.pt"
         # A rank that did not exist when the checkpoint was written (world size grew) keeps its
         # fresh seed: the data order does not depend on it, only dropout-like randomness does.
         rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
-        return state, rng
+        local_file = ref.path / f"local_rank{self.rank}.pt"
+        local = torch.load(local_file, map_location="cpu", weights_only=True) if local_file.exists() else {}
+        return state, rng, local
 
 
 def _fsync_dir(path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: engine.name=deepspeed only (loss scaling)
 ENGINES = ("auto", "single", "ddp", "deepspeed", "megatron")
 BACKENDS = ("auto", "gloo", "nccl")
 SCHEDULES = ("cosine", "linear", "constant")

@@ -32,6 +32,14 @@ class Context:
     device: torch.device
     run_dir: Path
     generator: torch.Generator  # seeded from run.seed, identical on every rank
+    # this rank among the model replicas: what the data is split over (tensor-parallel ranks of
+    # one replica read the same batches); -1 = same as rank / world_size
+    data_rank: int = -1
+    data_world_size: int = -1
+
+    def __post_init__(self) -> None:
+        if self.data_rank < 0:
+            self.data_rank, self.data_world_size = self.rank, self.world_size
 
     @property
     def is_main(self) -> bool:

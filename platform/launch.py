@@ -22,6 +22,7 @@ from scaleyard.platform.config import (
     to_yaml,
 )  # fmt: skip
 from scaleyard.platform.distributed import DistEnv, destroy_process_group, env_from_os
+from scaleyard.platform.engines import check_engine, data_world_size
 from scaleyard.platform.job import Job, get_job
 
 log = logging.getLogger("scaleyard")
@@ -56,7 +57,8 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     cfg = resolve(job_cls.Config, files, overrides)
     check_config(cfg, job_cls.Config)
     if job_cls.trains:
-        check_batch(cfg, world_size)
+        check_engine(cfg, world_size)
+        check_batch(cfg, data_world_size(cfg, world_size))
     job = job_cls()
     job.check(cfg, world_size)
     if not cfg.run.dir:

@@ -21,11 +21,14 @@ from scaleyard.platform.distributed import DistEnv, init_process_group, pick_dev
 from scaleyard.platform.engines import make_engine
 from scaleyard.platform.job import Context, EvalResult, Job
 from scaleyard.platform.metrics import MetricsWriter, Progress, memory_gb, peak_tflops
-from scaleyard.platform.optim import EMA, default_param_groups, make_optimizer, make_scheduler
+from scaleyard.platform.optim import default_param_groups, make_optimizer, make_scheduler
 
 log = logging.getLogger("scaleyard")
 # SLURM's --signal (USR1 by convention, USR2 from submitit) and the TERM sent at the time limit
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,20 +78,21 @@ class Trainer:
         device = pick_device(env)
         init_process_group(env, cfg.engine.backend)
         preflight(env, device)
-        engine = make_engine(cfg.engine.name, env, device)
+        engine = make_engine(cfg, env, device)
         ctx = Context(env.rank, env.world_size, env.local_rank, device, run_dir,
-                      torch.Generator().manual_seed(cfg.run.seed))
+                      torch.Generator().manual_seed(cfg.run.seed), engine.data_rank, engine.data_world_size)
 
         parts = job.build(cfg, ctx)
         if parts.model is None or parts.train_data is None:
             raise ValueError(f"job {job.name}: build() must return a model and train_data to train")
-        model = engine.wrap(parts.model, parts.frozen)
+        engine.wrap(parts.model, parts.frozen)
         groups = (parts.param_groups(engine.module) if parts.param_groups
                   else default_param_groups(engine.module, cfg.optim.weight_decay))
         optimizer = make_optimizer(groups, cfg.optim)
-        engine.set_optimizer(optimizer)
+        model = engine.set_optimizer(optimizer)
         scheduler = make_scheduler(optimizer, cfg.train.steps, cfg.optim)
-        ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        ema = engine.make_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        ema_sharded = getattr(ema, "sharded", False)
 
         checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
         checkpointer.clean_partial()
@@ -96,12 +100,16 @@ class Trainer:
         step = 0
         latest = checkpointer.latest()
         if latest is not None:
-            state, rng = checkpointer.load(latest)
-            engine.load_model_state(state["model"])
-            engine.load_optimizer_state(state["optimizer"])
+            state, rng, local = checkpointer.load(latest)
+            if engine.replicated:
+                engine.load_model_state(state["model"])
+                engine.load_optimizer_state(state["optimizer"])
+            else:
+                _check_same_world(latest.path, env.world_size, engine.name)
+                engine.load_state(latest.path)
             scheduler.load_state_dict(state["scheduler"])
             if ema is not None:
-                ema.load_state_dict(state["ema"])
+                ema.load_state_dict(local["ema"] if ema_sharded else state["ema"])
             job.load_state_dict(state["job"])
             parts.train_data.load_state_dict(state["data"])
             step = int(state["step"])
@@ -118,38 +126,43 @@ class Trainer:
         if main and step == 0:
             writer.text("config", "```yaml\n" + to_yaml(cfg) + "```")
         progress = Progress(cfg.train.steps, step, enabled=main)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
-                    else contextlib.nullcontext())
+        autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.train.precision])
+                    if cfg.train.precision in AUTOCAST_DTYPES else contextlib.nullcontext())
         flops_per_sample = job.flops_per_sample(cfg)
         peak = peak_tflops(device, cfg.train.precision)
         accum = cfg.train.grad_accum
 
         def save(at_step: int) -> None:
-            train_state = None
-            if main or not engine.replicated:
+            train_state, local_state = None, None
+            if ema_sharded:
+                local_state = {"ema": ema.state_dict()}
+            if main:
+                weights = {"model": engine.model_state(), "optimizer": engine.optimizer_state()} \
+                    if engine.replicated else {}  # sharded engines: engine.save_state, every rank
                 train_state = {
-                    "model": engine.model_state(),
-                    "optimizer": engine.optimizer_state(),
+                    **weights,
                     "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {},
+                    "ema": ema.state_dict() if ema is not None and not ema_sharded else {},
                     "job": job.state_dict(),
                     "data": parts.train_data.state_dict(),
                     "step": at_step,
                     "loss": loss_value,
                     "config": to_yaml(cfg),
                 }
-            checkpointer.save(at_step, train_state, engine, {"engine": engine.name, "world_size": env.world_size})
+            checkpointer.save(at_step, train_state, engine, {"engine": engine.name, "world_size": env.world_size},
+                              local_state)
             writer.flush()
 
         def evaluate(at_step: int) -> dict[str, float]:
             result = EvalResult()
-            if main:
+            if main or engine.collective_eval:
                 eval_model = ema.shadow if ema is not None else engine.module
                 was_training = eval_model.training
                 eval_model.eval()
                 with torch.no_grad(), autocast:
                     result = job.evaluate(eval_model, at_step)
                 eval_model.train(was_training)
+            if main:
                 writer.scalars({f"eval/{k}": v for k, v in result.metrics.items()}, at_step)
                 for tag, images in result.images.items():
                     writer.images(f"eval/{tag}", images, at_step)
@@ -273,6 +286,16 @@ class Trainer:
         kept = f"the last good checkpoint is {latest.path}" if latest else "no checkpoint was written yet"
         return (f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
                 "Lower optim.lr, enable train.clip_grad_norm, or check the data of this step.")
+
+
+def _check_same_world(checkpoint: Path, world_size: int, engine: str) -> None:
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    if meta.get("world_size") != world_size:
+        raise RuntimeError(
+            f"{checkpoint} holds {engine} shards of {meta.get('world_size')} ranks and this run has {world_size}; "
+            f"sharded checkpoints resume at the same world size (export full weights with `scaleyard export` "
+            f"to start a new run from them)"
+        )
 
 
 def _write_progress(run_dir: Path, step: int, loss: float) -> None:

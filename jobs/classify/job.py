@@ -67,8 +67,8 @@ class Classify(Job):
         decode = Compose((ImageDecoder(flip=cfg.flip, seed=cfg.run.seed), LabelDecoder()))
         stream = ShardStream(
             index, stream_config(cfg), decode=decode, collate=stack,
-            batch_per_rank=batch_per_rank(cfg, ctx.world_size),
-            rank=ctx.rank, world_size=ctx.world_size,
+            batch_per_rank=batch_per_rank(cfg, ctx.data_world_size),
+            rank=ctx.data_rank, world_size=ctx.data_world_size,
         )  # fmt: skip
         self.model_cfg = model_config(cfg, shape[0], shape[1], classes)
         self.cfg, self.ctx = cfg, ctx
@@ -120,7 +120,7 @@ def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> 
     latest = Checkpointer(run_dir / "checkpoints", keep=1).latest()
     if latest is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint; train one with `scaleyard run classify`")
-    state, _ = Checkpointer(run_dir / "checkpoints", keep=1).load(latest)
+    state, _, _ = Checkpointer(run_dir / "checkpoints", keep=1).load(latest)
     model = ConvClassifier(ClassifierConfig(**state["job"]["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval()

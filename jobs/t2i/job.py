@@ -149,8 +149,8 @@ class TextToImageJob(Job):
             )
         decode = Compose((ImageDecoder(field=self.field, symmetric=True), CaptionDecoder()))
         stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
-                             batch_per_rank=batch_per_rank(cfg, ctx.world_size),
-                             rank=ctx.rank, world_size=ctx.world_size, required=(self.field, "txt"))
+                             batch_per_rank=batch_per_rank(cfg, ctx.data_world_size),
+                             rank=ctx.data_rank, world_size=ctx.data_world_size, required=(self.field, "txt"))
         frozen = {}
         if cfg.model.text_encoder == "minilm":
             frozen["text_encoder"] = FrozenMiniLM(self.denoiser_cfg.text_len)

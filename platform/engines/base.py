@@ -8,32 +8,53 @@ Trainer never change when the engine does.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch import nn
 
-from scaleyard.platform.distributed import DistEnv
+from scaleyard.platform.config import ConfigError
+from scaleyard.platform.distributed import DistEnv, init_process_group
+from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
+from scaleyard.platform.optim import EMA
 
 
 class Engine:
     name = "single"
     # True when every rank holds the full model and optimizer state (rank 0 alone writes them);
-    # sharded engines set False and every rank writes its own part.
+    # sharded engines set False and every rank writes its own part (`save_state`).
     replicated = True
+    # True when no rank holds the whole model (ZeRO-3, tensor parallelism): forward passes are
+    # collective, so evaluation runs on every rank (rank 0 reports).
+    collective_eval = False
 
-    def __init__(self, env: DistEnv, device: torch.device):
+    def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
         self.env = env
         self.device = device
+        self.cfg = cfg
         self.module: nn.Module | None = None
         self.wrapped: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the model replicas (what the data is split over)."""
+        return self.env.rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.env.world_size
+
     # --- set-up -------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, frozen: dict[str, nn.Module]) -> nn.Module:
         self.module = model.to(self.device)
+        if self.cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(self.module)
         for module in frozen.values():
             module.to(self.device).eval().requires_grad_(False)
         self.wrapped = self._wrap(self.module)
@@ -42,8 +63,15 @@ class Engine:
     def _wrap(self, module: nn.Module) -> nn.Module:
         return module
 
-    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Returns the module `train_step` calls (engines that need the optimizer to finish
+        wrapping, like DeepSpeed, do it here)."""
         self.optimizer = optimizer
+        return self.wrapped
+
+    def make_ema(self, decay: float) -> EMA:
+        assert self.module is not None
+        return EMA(self.module, decay)
 
     # --- one step -----------------------------------------------------------------------------
     def accumulating(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
@@ -94,6 +122,12 @@ class Engine:
         assert self.optimizer is not None
         self.optimizer.load_state_dict(state)
 
+    def save_state(self, folder: Path) -> None:
+        """Collective: sharded engines write their model/optimizer parts into `folder`."""
+
+    def load_state(self, folder: Path) -> None:
+        """Collective: the counterpart of `save_state`."""
+
     def parameters(self) -> Iterator[nn.Parameter]:
         assert self.module is not None
         return self.module.parameters()
@@ -124,12 +158,63 @@ class DDPEngine(Engine):
         dist.barrier()
 
 
-ENGINES: dict[str, type[Engine]] = {"single": Engine, "ddp": DDPEngine}
+def ensure_process_group(env: DistEnv, backend: str) -> None:
+    """Engines built on torch.distributed need a process group even for one process."""
+    if dist.is_initialized():
+        return
+    if env.distributed:
+        init_process_group(env, backend)
+        return
+    with socket.socket() as probe:  # a free loopback port for a group of one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def make_engine(name: str, env: DistEnv, device: torch.device) -> Engine:
+def data_world_size(cfg: DictConfig, world_size: int) -> int:
+    """Model replicas the data is split over: tensor-parallel ranks of one replica share batches."""
+    return world_size // cfg.engine.tp_size if cfg.engine.name == "megatron" else world_size
+
+
+def check_engine(cfg: DictConfig, world_size: int) -> None:
+    """Engine settings that cannot run, reported with their key before anything starts or queues."""
+    name = cfg.engine.name
+    if cfg.train.precision == "fp16" and name != "deepspeed":
+        raise ConfigError("config key 'train.precision': fp16 needs loss scaling, which engine.name=deepspeed "
+                          "provides; use bf16 (no loss scaling needed) or engine.name=deepspeed")
+    if name == "single" and world_size > 1:
+        raise ConfigError(f"config key 'engine.name': single cannot run {world_size} processes; use ddp or auto")
+    if name == "deepspeed":
+        from scaleyard.platform.engines.deepspeed_engine import check_deepspeed
+
+        check_deepspeed(cfg, world_size)
+    if name == "megatron":
+        from scaleyard.platform.engines.megatron_engine import check_megatron
+
+        check_megatron(cfg, world_size)
+    elif cfg.engine.tp_size > 1 or cfg.engine.sequence_parallel:
+        raise ConfigError(f"config key 'engine.tp_size': tensor/sequence parallelism needs engine.name=megatron "
+                          f"(got {name})")
+
+
+def engine_class(name: str) -> type[Engine]:
+    if name == "deepspeed":
+        from scaleyard.platform.engines.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    if name == "megatron":
+        from scaleyard.platform.engines.megatron_engine import MegatronEngine
+
+        return MegatronEngine
+    return {"single": Engine, "ddp": DDPEngine}[name]
+
+
+def make_engine(cfg: DictConfig, env: DistEnv, device: torch.device) -> Engine:
+    name = cfg.engine.name
     if name == "auto":
         name = "ddp" if env.distributed else "single"
     if name == "single" and env.distributed:
         raise ValueError(f"engine.name=single cannot run {env.world_size} processes; use ddp or auto")
-    return ENGINES[name](env, device)
+    return engine_class(name)(env, device, cfg)

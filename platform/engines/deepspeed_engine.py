@@ -1,0 +1,245 @@
+"""`engine.name=deepspeed`: DeepSpeed ZeRO stages 0-3 with optimizer/parameter offload.
+
+The DeepSpeed JSON is generated from the platform config (batch, accumulation, clipping,
+precision, ZeRO stage, offload) and `engine.deepspeed` keys are merged over it, so a user can pass
+any DeepSpeed option through. The optimizer stays the platform's torch AdamW (param groups and
+LR schedule unchanged); DeepSpeed wraps it. Frozen modules (a DPO reference model, encoders) and
+the EMA copy go through `deepspeed.initialize` without an optimizer under ZeRO-3, so they are
+partitioned like the trained model (as DeepSpeed-Chat does for its reference model); with sharded
+parameters evaluation is collective (every rank runs it, rank 0 reports).
+
+Checkpoints use DeepSpeed's sharded format inside the platform's checkpoint folder
+(`step_*/deepspeed/`), written by every rank; `scaleyard export` consolidates them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from scaleyard.platform.config import ConfigError, batch_per_rank
+from scaleyard.platform.distributed import DistEnv
+from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
+from scaleyard.platform.engines.base import DDPEngine, ensure_process_group
+from scaleyard.platform.optim import EMA
+
+log = logging.getLogger("scaleyard")
+TAG = "deepspeed"  # sub-folder of a platform checkpoint that holds DeepSpeed's files
+RESERVED_KEYS = ("optimizer", "scheduler")  # scaleyard builds these from optim.* (one source of truth)
+
+
+def check_deepspeed(cfg: DictConfig, world_size: int) -> None:
+    """Settings DeepSpeed cannot run, reported with the key before anything starts."""
+    e = cfg.engine
+    if e.offload_params and e.zero_stage != 3:
+        raise ConfigError(f"config key 'engine.offload_params': parameter offload needs engine.zero_stage=3 "
+                          f"(got {e.zero_stage}); use engine.offload_optimizer for stages 1-2")
+    if e.offload_optimizer and e.zero_stage == 0:
+        raise ConfigError("config key 'engine.offload_optimizer': optimizer offload needs engine.zero_stage >= 1")
+    for key in RESERVED_KEYS:
+        if key in e.deepspeed:
+            raise ConfigError(f"config key 'engine.deepspeed.{key}': scaleyard builds the {key} from optim.*; "
+                              f"set optim.lr/optim.schedule/... instead")
+    offload = e.deepspeed.get("zero_optimization", {})
+    for part in ("offload_optimizer", "offload_param"):
+        if offload.get(part, {}).get("device") == "nvme":
+            _require_op("AsyncIOBuilder", f"engine.deepspeed.zero_optimization.{part}.device=nvme",
+                        "install libaio (apt install libaio-dev) and reinstall deepspeed, or offload to cpu")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.precision': fp16 with DeepSpeed needs a GPU (loss scaling kernels); "
+                          "use bf16 or fp32 on CPU")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"engine.name=deepspeed needs the deepspeed package ({err}); "
+                          "pip install deepspeed==0.19.8") from None
+
+
+def _require_op(builder_name: str, key: str, fix: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None or not builder.is_compatible(verbose=False):
+        raise ConfigError(f"config key {key!r}: DeepSpeed's {builder_name} op cannot be built here; {fix}")
+
+
+def deepspeed_config(cfg: DictConfig, data_world_size: int, parameters: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: generated keys, then `engine.deepspeed` merged over them."""
+    e = cfg.engine
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if parameters:
+        # DeepSpeed's default buckets (5e8 elements) are sized for billion-parameter models; a
+        # smaller model would allocate and clear gigabytes of buffer every step
+        bucket = int(min(5e8, max(parameters, 2**20)))
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if e.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    generated = {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": batch_per_rank(cfg, data_world_size),
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": float(cfg.train.clip_grad_norm),
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16"},
+        # the client optimizer is torch AdamW: no JIT-compiled FusedAdam/CPUAdam is needed, and
+        # offload steps it on the CPU partitions
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # the platform logs; DeepSpeed's own prints are noise
+        "wall_clock_breakdown": False,
+    }
+    merged = OmegaConf.merge(OmegaConf.create(generated), e.deepspeed)
+    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+def _frozen_config(conf: dict[str, Any], fp32: bool = False) -> dict[str, Any]:
+    """Config for modules DeepSpeed partitions but never steps (reference models, the EMA; the
+    EMA stays fp32: averaging with weight 1e-3 in bf16 would round most updates away)."""
+    zero = {k: v for k, v in conf["zero_optimization"].items() if k in ("stage", "offload_param")}
+    low = {"bf16": {"enabled": False}, "fp16": {"enabled": False}} if fp32 else {"bf16": conf["bf16"],
+                                                                                "fp16": conf["fp16"]}
+    return {"train_micro_batch_size_per_gpu": conf["train_micro_batch_size_per_gpu"],
+            "zero_optimization": zero, **low, "steps_per_print": conf["steps_per_print"]}
+
+
+def _skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (~100 s) when it
+    initialises; it only speeds up CPU collectives, which here serve development and tests. The
+    module object must come from importlib: `import deepspeed.comm.torch as m` yields torch's."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+class ShardedEMA(EMA):
+    """EMA of a ZeRO-3 model: the shadow is a second partitioned module; each rank averages its
+    own partitions (no communication). Its state is per rank (`local_rank<R>.pt`)."""
+
+    sharded = True
+
+    def __init__(self, shadow: nn.Module, decay: float):  # noqa: D107 (EMA.__init__ deep-copies; not here)
+        self.decay = decay
+        self.shadow = shadow
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        for ema_param, param in zip(self.shadow.parameters(), module.parameters()):
+            ema_param.ds_tensor.lerp_(param.ds_tensor.to(ema_param.ds_tensor.dtype), weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.ds_tensor.detach().cpu().clone() for name, p in self.shadow.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, p in self.shadow.named_parameters():
+            p.ds_tensor.copy_(state[name])
+
+
+class DeepSpeedEngine(DDPEngine):
+    name = "deepspeed"
+    replicated = False
+
+    def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
+        super().__init__(env, device, cfg)
+        if device.type == "cpu":
+            _skip_cpu_shm_op()
+        ensure_process_group(env, cfg.engine.backend)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self.ds_config = deepspeed_config(cfg, env.world_size)
+        self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.sharded_params = self.stage == 3
+        self.collective_eval = self.sharded_params
+        self._ema_copy: nn.Module | None = None
+
+    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module]) -> nn.Module:
+        import deepspeed
+
+        self.module = model.to(self.device)
+        self.ds_config = deepspeed_config(self.cfg, self.env.world_size, sum(p.numel() for p in model.parameters()))
+        if self.cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(self.module)
+        if self.sharded_params and self.cfg.train.ema_decay > 0:
+            # copied before partitioning, so the shadow is partitioned exactly like the model
+            self._ema_copy = copy.deepcopy(model, memo=_outside_modules(model)).requires_grad_(False)
+        for name, module in frozen.items():
+            module.to(self.device).eval().requires_grad_(False)
+            if self.sharded_params:
+                deepspeed.initialize(model=module, config=_frozen_config(self.ds_config))
+                log.info("frozen module %r partitioned with ZeRO-3", name)
+        self.wrapped = self.module
+        return self.module
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> nn.Module:
+        import deepspeed
+
+        self.wrapped, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config)
+        self.optimizer = optimizer
+        return self.wrapped
+
+    def make_ema(self, decay: float) -> EMA:
+        if self._ema_copy is None:
+            return super().make_ema(decay)
+        import deepspeed
+
+        shadow, _, _, _ = deepspeed.initialize(model=self._ema_copy, config=_frozen_config(self.ds_config, fp32=True))
+        ema = ShardedEMA(shadow.module, decay)
+        self._ema_copy = None
+        return ema
+
+    # --- one step -----------------------------------------------------------------------------
+    def accumulating(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed defers or buckets the reduction itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the Trainer already divides by grad_accum; DeepSpeed must not divide again
+        self.wrapped.backward(loss, scale_wrt_gas=False)
+        if not self.wrapped.is_gradient_accumulation_boundary():
+            self.wrapped.step()  # advances DeepSpeed's micro-step counter; the update waits
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        """DeepSpeed clips (gradient_clipping = train.clip_grad_norm) and steps. Unlike the
+        plain engines it has already stepped when the norm turns out non-finite; the Trainer then
+        stops before anything is saved, so the last checkpoint stays good."""
+        self.wrapped.step()
+        norm = self.wrapped.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    # --- state --------------------------------------------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Full weights (collective under ZeRO-3: every rank must call it)."""
+        return full_state(self.module, self.sharded_params)
+
+    def save_state(self, folder: Path) -> None:
+        self.wrapped.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.wrapped.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise FileNotFoundError(f"{folder / TAG} holds no DeepSpeed checkpoint")
+
+
+def full_state(module: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    if not sharded:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _outside_modules(module: nn.Module) -> dict[int, Any]:
+    """deepcopy memo that shares modules a job keeps outside the module tree (see EMA)."""
+    return {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
