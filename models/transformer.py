@@ -33,7 +33,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch, tokens, dim = x.shape
         if self.cross:
             q = self.q(x)
             k, v = self.kv(context).chunk(2, dim=-1)
@@ -43,7 +42,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         mask = context_mask[:, None, None, :] if context_mask is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        # flatten, not reshape to `dim`: under tensor parallelism a rank holds heads/tp of the heads
+        return self.proj(out.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):

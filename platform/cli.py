@@ -167,6 +167,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from scaleyard.platform.planner import format_plan, load_config, recommend
+
+    job_cls, cfg = load_config(args.job, args.overrides, args.preset)
+    plan = recommend(job_cls, cfg, args.gpus, args.gpu_memory, gpu=args.gpu, gpus_per_node=args.gpus_per_node)
+    print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     import time
 
@@ -219,6 +228,50 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_job_name(run: Path) -> str:
+    """The job of a run folder: its summary.json, else the folder layout runs/<job>/<time>."""
+    from scaleyard.platform.job import registry
+
+    summary = run / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())["job"]
+    if run.absolute().parent.name in registry():
+        return run.absolute().parent.name
+    raise ValueError(f"cannot tell which job wrote {run} (no summary.json yet); pass --job NAME")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from scaleyard.platform.checkpoint import Checkpointer
+    from scaleyard.platform.job import SampleRequest, get_job
+
+    run = Path(args.run)
+    config_file = run / "config.yaml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist: RUN must be a run folder written by `scaleyard run`")
+    job_cls = get_job(args.job or _run_job_name(run))
+    cfg = OmegaConf.merge(OmegaConf.structured(job_cls.Config), OmegaConf.load(config_file))
+    checkpoints = Checkpointer(run / "checkpoints", keep=1)
+    latest = checkpoints.latest()
+    if latest is None:
+        raise FileNotFoundError(f"{run}/checkpoints holds no complete checkpoint; train the run first "
+                                f"(`scaleyard run {job_cls.name} run.dir={run}`)")
+    state = checkpoints.load(latest)[0]
+    weights = state.get("ema") or state["model"]  # EMA weights when the run kept them
+    impute = tuple(c.strip() for c in args.impute.split(",") if c.strip()) if args.impute else ()
+    request = SampleRequest(out=Path(args.out), rows=args.rows or 0, seed=args.seed, impute=impute,
+                            known=args.known or "")
+    try:
+        summary = job_cls().write_samples(cfg, weights, state.get("job", {}), request)
+    except NotImplementedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"run": str(run), "step": latest.step, "ema": bool(state.get("ema")), "out": args.out,
+                      **summary}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleyard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     job_command("config", "print the resolved config", cmd_config)
     job_command("run", "run a job here (or as --nproc local processes)", cmd_run)
+    plan = job_command("plan", "per-GPU memory and FLOPs of each engine; the cheapest that fits, and why", cmd_plan,
+                       local_processes=False)
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs in the run (all nodes)")
+    plan.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU in GB, e.g. 80")
+    plan.add_argument("--gpu", default="H100", help="GPU model for the step-time estimate (its peak TFLOP/s)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays within a node")
+    plan.add_argument("--json", action="store_true")
 
     submit = job_command("submit", "queue a job through submitit (local processes or SLURM)", cmd_submit,
                          local_processes=False)
@@ -292,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256")
     i.set_defaults(func=cmd_data_info)
+
+    sample = sub.add_parser("sample", help="generate from a trained run (latest checkpoint, EMA weights)")
+    sample.add_argument("run", help="a run folder (holds config.yaml and checkpoints/)")
+    sample.add_argument("--out", required=True, help="output file, e.g. rows.csv or rows.parquet")
+    sample.add_argument("--rows", type=int, default=None, help="rows to generate (with --impute: at most this many)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--impute", default=None, help="columns to fill in, COL[,COL]; the others come from --known")
+    sample.add_argument("--known", default=None, help="known rows: a .csv/.parquet file or a split folder")
+    sample.add_argument("--job", default=None, help="the run's job, when the folder cannot tell (no summary.json)")
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 

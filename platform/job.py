@@ -15,11 +15,14 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+
+if TYPE_CHECKING:
+    from scaleyard.platform.planner import ModelShape
 
 
 @dataclass
@@ -57,12 +60,26 @@ class JobParts:
         the platform can save and restore its position.
     param_groups: optional function of the model returning AdamW parameter groups (dicts with
         "params" and any per-group options); default: weight decay on matrices only.
+    parallelize: optional tensor-parallel plan, `(model, tp_size) -> sharding layout`, applied in
+        place by engine.name=megatron (e.g. models/diffusion_transformer_parallel.py).
     """
 
     model: nn.Module | None = None
     frozen: dict[str, nn.Module] = field(default_factory=dict)
     train_data: Iterable[Any] | None = None
     param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
+    parallelize: Callable[[nn.Module, int], dict[str, Any]] | None = None
+
+
+@dataclass
+class SampleRequest:
+    """What `scaleyard sample RUN` asks of a trained run (see `Job.write_samples`)."""
+
+    out: Path  # the file to write; its suffix picks the format (.csv / .parquet for tables)
+    rows: int = 0  # rows to generate; with `impute`: at most this many known rows (0 = all)
+    seed: int = 0
+    impute: tuple[str, ...] = ()  # columns to fill in, the others kept from `known`
+    known: str = ""  # a file or split folder holding the known rows
 
 
 @dataclass
@@ -99,6 +116,14 @@ class Job:
         """Sampling-only jobs: load a checkpoint and generate; returns summary metrics."""
         raise NotImplementedError
 
+    def write_samples(self, cfg: DictConfig, weights: dict[str, torch.Tensor], job_state: dict[str, Any],
+                      request: SampleRequest) -> dict[str, Any]:
+        """`scaleyard sample`: generate from a trained run's weights (its EMA weights when it kept
+        them) and write `request.out`; returns a summary. `job_state` is what `state_dict` saved."""
+        able = sorted(name for name, job in registry().items() if job.write_samples is not Job.write_samples)
+        raise NotImplementedError(f"job {self.name} cannot write samples; `scaleyard sample` works for runs of: "
+                                  f"{', '.join(able) or 'no registered job'}")
+
     @staticmethod
     def flops_per_sample(cfg: DictConfig) -> float:
         """Model FLOPs of one training sample, forward + backward (0 if unknown)."""
@@ -107,6 +132,12 @@ class Job:
     @staticmethod
     def model_size(cfg: DictConfig) -> int | None:
         """Parameters that scaling laws should count (N); None: all trainable parameters."""
+        return None
+
+    @staticmethod
+    def memory_shape(cfg: DictConfig) -> ModelShape | None:
+        """The model's memory-relevant shape for the planner (platform/planner.py): parameter
+        counts and its transformer stacks. None: unknown, so `engine=auto` stays single/ddp."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

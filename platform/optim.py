@@ -53,11 +53,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Dict
 class EMA:
     """Exponential moving average of a module's parameters and buffers (kept in fp32)."""
 
-    def __init__(self, module: nn.Module, decay: float):
+    sharded = False  # True when each rank holds only its part (saved per rank)
+
+    def __init__(self, module: nn.Module, decay: float, shadow: nn.Module | None = None):
+        """`shadow`: a prepared copy (engines whose layers cannot be deep-copied make their own)."""
         self.decay = decay
-        # modules a job holds outside the module tree (a frozen encoder) are shared, not copied
-        outside = {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
-        self.shadow = copy.deepcopy(module, memo=outside).eval().requires_grad_(False)
+        if shadow is None:
+            # modules a job holds outside the module tree (a frozen encoder) are shared, not copied
+            outside = {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
+            shadow = copy.deepcopy(module, memo=outside)
+        self.shadow = shadow.eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
         """Warm-up of the decay, (1 + step) / (10 + step) capped at `decay`: without it a short
@@ -73,7 +78,8 @@ class EMA:
             ema_buf.copy_(buf)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.shadow.state_dict().items()}
+        # tensors only: megatron layers add a `_extra_state` entry that is None
+        return {k: v.detach().cpu() for k, v in self.shadow.state_dict().items() if isinstance(v, torch.Tensor)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.shadow.load_state_dict(state)

@@ -7,8 +7,6 @@ Sources of the formulas (each function says which it follows):
   momentum, variance). Stage 1 (P_os) divides the optimizer states by the data-parallel degree
   N_d, stage 2 (P_os+g) also the gradients, stage 3 (P_os+g+p) also the parameters. In fp32 there
   is no master copy: 4Ψ + 4Ψ + 8Ψ.
-- Megatron without the distributed optimizer: 18 bytes/param in bf16 (bf16 params, fp32 main
-  grads, fp32 master + Adam), 16 in fp32 (megatron-core docs, "Distributed Optimizer").
 - Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
   Models", Section 4: s·h·(34 + 5·a·s/h) bytes per layer and sample in 16-bit, of which 10·s·h
   (layer-norm and dropout inputs) stay whole under tensor parallelism without sequence
@@ -21,8 +19,10 @@ Sources of the formulas (each function says which it follows):
   time in backward (Korthikanti et al., Section 5, "full recomputation").
 
 Engines are the platform's (platform/engines): `single`/`ddp` train fp32 weights under bf16
-autocast; `deepspeed` holds 16-bit weights (the ZeRO paper's accounting); `megatron` shards the
-transformer blocks' weights and most activations over `tp_size` ranks.
+autocast (16 bytes/param: fp32 weights, grads, Adam m and v); `deepspeed` holds 16-bit weights
+(the ZeRO paper's accounting; fp16 precision runs only there); `megatron` shards the transformer
+blocks' weights and most activations over `tp_size` ranks and is otherwise the DDP path (torch DDP
+over the replicas, the platform's AdamW: no megatron distributed optimizer).
 """
 
 from __future__ import annotations
@@ -211,13 +211,9 @@ def zero_model_states(psi: float, dp: int, stage: int, param_bytes: float = 2, g
 
 def state_bytes(engine: str, precision: str) -> tuple[float, float, float]:
     """Bytes per trainable parameter: (parameters, gradients, optimizer states)."""
-    if precision == "fp32":
-        return 4, 4, 8  # fp32 weights and grads, Adam m and v
-    if engine == "deepspeed":
-        return 2, 2, 12  # ZeRO paper: 16-bit weights and grads, K = 12
-    if engine == "megatron":
-        return 2, 4, 12  # bf16 weights, fp32 main grads, fp32 master + m + v (18 bytes/param)
-    return 4, 4, 8  # single/ddp: fp32 weights under bf16 autocast
+    if engine == "deepspeed" and precision != "fp32":
+        return 2, 2, 12  # ZeRO paper: 16-bit weights and grads, K = 12 (fp32 master, m, v)
+    return 4, 4, 8  # fp32 weights (under autocast in 16-bit runs) and grads, Adam m and v
 
 
 # --- activations (Korthikanti et al. 2022) ----------------------------------------------------
@@ -240,29 +236,41 @@ def layer_activations(stack: BlockStack) -> tuple[float, float]:
     return whole, split
 
 
-def stack_activations(stack: BlockStack, tp: int = 1, sequence_parallel: bool = False,
+def autocast_fp32(stack: BlockStack) -> float:
+    """Of the `whole` elements, those autocast keeps in fp32 in a 16-bit run (per token and hidden
+    unit): layer norm runs in fp32, so the residual stream it reads stays fp32, and so do the norm
+    outputs that adaLN's elementwise modulation keeps. Measured on CPU bf16 autocast, Korthikanti
+    et al.'s all-16-bit count is 7-17% low for our blocks without this."""
+    return 2 + (2 if stack.adaln else 0) + (1 if stack.context_tokens else 0)
+
+
+def stack_activations(stack: BlockStack, precision: str, tp: int = 1, sequence_parallel: bool = False,
                       checkpointing: bool = False) -> tuple[float, float]:
-    """(kept through the step, one layer's worth live while it is recomputed) elements per sample.
-    With checkpointing only each layer's input stays (s·h); without, every layer's activations."""
+    """(kept through the step, live only while one layer is recomputed) bytes per sample. With
+    checkpointing only each layer's input stays (s·h); without, every layer's activations."""
+    element = 4 if precision == "fp32" else 2
+    upcast = autocast_fp32(stack) * (4 - element)  # extra bytes of the fp32 elements of a 16-bit run
     tokens_hidden = stack.tokens * stack.hidden
     whole, split = layer_activations(stack) if stack.tensor_parallel else (sum(layer_activations(stack)), 0.0)
     t = tp if stack.tensor_parallel else 1
-    per_layer = (whole / (t if sequence_parallel else 1) + split / t) * tokens_hidden
-    skips = stack.skip_layers * 2 * tokens_hidden / (t if sequence_parallel else 1)  # the [x, skip] concat
+    t_whole = t if sequence_parallel else 1  # sequence parallelism shards the norms' inputs too
+    per_layer = ((whole * element + upcast) / t_whole + split * element / t) * tokens_hidden
     if not checkpointing:
+        skips = stack.skip_layers * 2 * tokens_hidden * element / t_whole  # U-ViT's [x, skip] concatenation
         return stack.layers * per_layer + skips, 0.0
-    return stack.layers * tokens_hidden / (t if sequence_parallel else 1), per_layer + 2 * tokens_hidden
+    kept = stack.layers * tokens_hidden * 4 / t_whole  # each layer's input: the residual stream, fp32 under autocast
+    # the recomputed layer plus the gradients flowing through it (two residual-stream tensors, measured)
+    return kept, per_layer + 2 * tokens_hidden * element
 
 
 def activation_bytes_per_sample(shape: ModelShape, cand: Candidate, precision: str) -> float:
     """Activation bytes per sample at the peak of forward+backward: all kept activations plus,
     with checkpointing, the largest single layer being recomputed."""
-    element = 4 if precision == "fp32" else 2  # Korthikanti et al. count 16-bit activations
     kept = recompute = 0.0
     for stack in shape.stacks:
-        k, r = stack_activations(stack, cand.tp_size, cand.sequence_parallel, cand.activation_checkpointing)
+        k, r = stack_activations(stack, precision, cand.tp_size, cand.sequence_parallel, cand.activation_checkpointing)
         kept, recompute = kept + k, max(recompute, r)
-    return (kept + recompute + shape.other_activations) * element
+    return kept + recompute + shape.other_activations * (4 if precision == "fp32" else 2)
 
 
 # --- per-GPU memory of one candidate ----------------------------------------------------------
@@ -278,7 +286,7 @@ def estimate(shape: ModelShape, cand: Candidate, gpus: int, micro_batch: int, pr
     p_bytes, g_bytes, o_bytes = state_bytes(cand.engine, precision)
     stage = cand.zero_stage if cand.engine == "deepspeed" else 0
     params, grads, optim = zero_model_states(psi, dp, stage, p_bytes, g_bytes, o_bytes)
-    frozen = shape.frozen * (p_bytes if cand.engine != "single" and cand.engine != "ddp" else 4)
+    frozen = shape.frozen * p_bytes
     frozen /= dp if stage >= 3 else 1  # ZeRO-3 partitions frozen modules too (DESIGN.md, engines)
     ema_bytes = 4 * psi / (dp if stage >= 3 else 1) if ema else 0.0  # the EMA lives beside its parameters
     mem = MemoryBreakdown(params=params + frozen, grads=grads, optimizer=optim, ema=ema_bytes)
@@ -296,9 +304,9 @@ def engine_buffers(shape: ModelShape, cand: Candidate, psi: float, precision: st
                    deepspeed: dict) -> float:
     """Memory an engine allocates beyond the model states."""
     out = 0.0
-    if cand.engine in ("single", "ddp") and precision == "bf16":
-        out += 2 * (psi + shape.frozen)  # autocast caches a bf16 copy of each weight until backward
-    if cand.engine == "ddp":
+    if cand.engine != "deepspeed" and precision != "fp32":
+        out += 2 * (psi + shape.frozen)  # autocast caches a 16-bit copy of each weight until backward
+    if cand.engine in ("ddp", "megatron"):
         out += 4 * psi  # DDP's reducer copies grads into flat buckets (gradient_as_bucket_view=False)
     if cand.engine == "deepspeed":
         zero = deepspeed.get("zero_optimization", {})
@@ -340,3 +348,208 @@ def step_flops(job_cls: type[Job], cfg: DictConfig, shape: ModelShape | None,
         return model, model
     blocks = min(per_sample, block_flops_per_sample(shape)) * cfg.train.batch_size
     return model, model + blocks / 3
+
+
+# --- the policy --------------------------------------------------------------------------------
+
+
+def candidates(shape: ModelShape, cfg: DictConfig, gpus: int, gpus_per_node: int = GPUS_PER_NODE) -> list[Candidate]:
+    """Every option, cheapest first: ddp, ZeRO-1/2/3, the same with activation checkpointing, tensor
+    parallelism within a node (tp dividing the heads and the GPUs), then ZeRO-Offload."""
+    replace = dataclasses.replace
+    base = [Candidate("single")] if gpus == 1 else [Candidate("ddp"), *(Candidate("deepspeed", s) for s in (1, 2, 3))]
+    out = [*base, *(replace(c, activation_checkpointing=True) for c in base)]
+    heads = [s.heads for s in shape.stacks if s.tensor_parallel]
+    for tp in (2, 4, 8):
+        if heads and tp <= min(gpus, gpus_per_node) and gpus % tp == 0 and all(h % tp == 0 for h in heads):
+            tp_cand = Candidate("megatron", tp_size=tp, sequence_parallel=bool(cfg.engine.sequence_parallel))
+            out += [tp_cand, replace(tp_cand, activation_checkpointing=True)]
+    for stage, params in ((2, False), (3, False), (3, True)):
+        off = Candidate("deepspeed", stage, offload_optimizer=True, offload_params=params)
+        out += [off, replace(off, activation_checkpointing=True)]
+    if cfg.train.precision == "fp16":  # loss scaling: DeepSpeed only (engines.check_engine)
+        out = [c for c in out if c.engine == "deepspeed"]
+    if not shape.stacks:  # nothing to checkpoint
+        out = [c for c in out if not c.activation_checkpointing]
+    elif cfg.train.activation_checkpointing:  # the user asked for it
+        out = [c for c in out if c.activation_checkpointing]
+    return out
+
+
+def _report(shape: ModelShape, cand: Candidate, cfg: DictConfig, gpus: int, budget: float) -> CandidateReport:
+    dp = gpus // cand.tp_size
+    batch = int(cfg.train.batch_size)
+    precision, ema = str(cfg.train.precision), cfg.train.ema_decay > 0
+    extra = dict(cfg.engine.deepspeed)
+
+    def mem(micro: int) -> MemoryBreakdown:
+        return estimate(shape, cand, gpus, micro, precision, ema, extra)
+
+    per_sample = activation_bytes_per_sample(shape, cand, precision)
+    if batch % dp:
+        return CandidateReport(cand, 0, 0, mem(1), per_sample,
+                               f"global batch {batch} does not split over {dp} data-parallel replicas")
+    per_replica = batch // dp
+    for micro in sorted((m for m in range(1, per_replica + 1) if per_replica % m == 0), reverse=True):
+        if mem(micro).total <= budget:
+            return CandidateReport(cand, per_replica, micro, mem(micro), per_sample)
+    return CandidateReport(cand, per_replica, 0, mem(1), per_sample,
+                           f"needs {mem(1).total / GB:.1f} GB at micro-batch 1")
+
+
+def recommend(job_cls: type[Job], cfg: DictConfig, gpus: int, gpu_memory_gb: float, *, gpu: str = "H100",
+              gpus_per_node: int = GPUS_PER_NODE, headroom: float = HEADROOM) -> Plan:
+    """The cheapest option that fits `gpus` GPUs of `gpu_memory_gb` GB each with `headroom`, at the
+    largest micro-batch that divides the per-replica batch (global batch = micro x gpus/tp x
+    grad_accum). An option is taken when its micro-batch reaches MIN_TOKENS_PER_MICRO tokens (or
+    the whole per-replica batch); if none does, the one with the largest micro-batch. Raises
+    ConfigError naming the smallest memory needed when nothing fits."""
+    shape = job_cls.memory_shape(cfg)
+    if shape is None:
+        raise ConfigError(f"job {job_cls.name!r} does not describe its model (Job.memory_shape): "
+                          f"the planner cannot size it; set engine.name explicitly")
+    if gpus < 1 or gpu_memory_gb <= 0:
+        raise ConfigError(f"plan: need at least one GPU with memory > 0 (got {gpus} GPUs of {gpu_memory_gb} GB)")
+    budget = gpu_memory_gb * GB * (1 - headroom)
+    reports = [_report(shape, c, cfg, gpus, budget) for c in candidates(shape, cfg, gpus, gpus_per_node)]
+    fitting = [r for r in reports if r.max_micro_batch]
+    if not fitting:
+        least = min(reports, key=lambda r: r.memory.total)
+        raise ConfigError(
+            f"nothing fits {gpus} GPU(s) of {gpu_memory_gb:g} GB ({budget / GB:.1f} GB usable after {headroom:.0%} "
+            f"headroom): the smallest option, {least.candidate.label}, needs at least {least.memory.total / GB:.1f} GB "
+            f"per GPU (micro-batch 1{'; ' + least.note if least.per_replica_batch == 0 else ''}); "
+            f"use more or larger GPUs, a smaller model.preset, or train.precision=bf16")
+
+    def wanted(r: CandidateReport) -> int:
+        return min(r.per_replica_batch, math.ceil(MIN_TOKENS_PER_MICRO / shape.tokens) if shape.tokens else 10**9)
+
+    good = [r for r in fitting if r.max_micro_batch >= wanted(r)]
+    chosen = good[0] if good else max(fitting, key=lambda r: r.max_micro_batch)  # max keeps the first of ties
+    return _plan(job_cls, cfg, shape, gpus, gpu_memory_gb, gpu, budget, reports, chosen, bool(good))
+
+
+def _plan(job_cls: type[Job], cfg: DictConfig, shape: ModelShape, gpus: int, gpu_memory_gb: float, gpu: str,
+          budget: float, reports: list[CandidateReport], chosen: CandidateReport, efficient: bool) -> Plan:
+    cand, micro = chosen.candidate, chosen.max_micro_batch
+    precision = str(cfg.train.precision)
+    dp = gpus // cand.tp_size
+    flops, hardware = step_flops(job_cls, cfg, shape, cand.activation_checkpointing)
+    peak = next((p.get(precision) for name, p in PEAK_TFLOPS.items() if name.lower() in gpu.lower()), None)
+    seconds = hardware / (gpus * peak * 1e12 * ASSUMED_MFU) if peak else 0.0
+    p, g, k = state_bytes("deepspeed", precision)
+    reasons = [
+        f"{shape.trainable / 1e9:.3g}B trainable + {shape.frozen / 1e9:.3g}B frozen parameters; {precision} Adam "
+        f"model states {p:g}+{g:g}+{k:g} bytes/param = {(p + g + k) * shape.trainable / GB:.1f} GB before partitioning",
+        f"usable per GPU: {budget / GB:.1f} GB ({gpu_memory_gb:g} GB less {HEADROOM:.0%} headroom); each estimate adds "
+        f"{FRAMEWORK_BYTES / GB:g} GB CUDA context/NCCL and {FRAGMENTATION:.0%} allocator fragmentation",
+    ]
+    for r in reports:
+        if r is chosen:
+            break
+        if r.max_micro_batch:
+            reasons.append(f"not {r.candidate.label}: fits only micro-batch {r.max_micro_batch} "
+                           f"(< {min(r.per_replica_batch, math.ceil(MIN_TOKENS_PER_MICRO / max(shape.tokens, 1)))})")
+        else:
+            reasons.append(f"not {r.candidate.label}: {r.note}")
+    accum = chosen.per_replica_batch // micro
+    reasons.append(f"chosen {cand.label}: {chosen.memory.total / GB:.1f} GB per GPU at micro-batch {micro} "
+                   f"x {dp} data-parallel replicas x grad_accum {accum} = global batch {cfg.train.batch_size}")
+    if not shape.stacks:
+        reasons.append(f"activations not modelled: job {job_cls.name!r} declares no transformer stacks "
+                       f"(Job.memory_shape), so the micro-batch is limited by model states only")
+    if not efficient:
+        reasons.append(f"no option reaches {MIN_TOKENS_PER_MICRO} tokens per micro-batch; this one allows the largest")
+    if cand.activation_checkpointing:
+        without = dataclasses.replace(cand, activation_checkpointing=False)
+        reasons.append(f"activation checkpointing on: {chosen.activations_per_sample / GB:.3g} GB of activations "
+                       f"per sample instead of {activation_bytes_per_sample(shape, without, precision) / GB:.3g}, "
+                       f"for one recomputed forward of the blocks")
+    if cand.tp_size > 1:
+        reasons.append(f"megatron tensor parallelism over {cand.tp_size} GPUs of a node shards the blocks' weights "
+                       f"and activations; the micro-batch is per tensor-parallel group")
+    if chosen.memory.host:
+        reasons.append(f"offload: {chosen.memory.host / GB:.1f} GB per GPU in CPU memory; the optimizer step runs "
+                       f"on the CPU and slows each step")
+    reasons.append(f"step: {flops:.3g} model FLOPs" + (f" ({hardware:.3g} with recomputation)" if hardware > flops
+                                                       else "")
+                   + (f", ~{seconds:.2f} s on {gpus} {gpu} at {ASSUMED_MFU:.0%} MFU of {peak:g} TFLOP/s {precision}"
+                      if peak else f"; no peak known for GPU {gpu!r}"))
+    return Plan(engine=cand.engine, zero_stage=cand.zero_stage, tp_size=cand.tp_size,
+                offload_optimizer=cand.offload_optimizer, offload_params=cand.offload_params,
+                sequence_parallel=cand.sequence_parallel, activation_checkpointing=cand.activation_checkpointing,
+                micro_batch=micro, grad_accum=accum, gpus=gpus, gpu_memory_gb=gpu_memory_gb, memory=chosen.memory,
+                step_flops=flops, step_hardware_flops=hardware, step_seconds=seconds, reasons=reasons,
+                candidates=reports)
+
+
+def _override_items(plan: Plan) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = [("engine.name", plan.engine)]
+    if plan.engine == "deepspeed":
+        items += [("engine.zero_stage", plan.zero_stage), ("engine.offload_optimizer", plan.offload_optimizer),
+                  ("engine.offload_params", plan.offload_params)]
+    if plan.engine == "megatron":
+        items += [("engine.tp_size", plan.tp_size), ("engine.sequence_parallel", plan.sequence_parallel)]
+    return [*items, ("train.grad_accum", plan.grad_accum),
+            ("train.activation_checkpointing", plan.activation_checkpointing)]
+
+
+def overrides(plan: Plan) -> list[str]:
+    """The plan as a dotlist to paste after `scaleyard run/submit JOB`."""
+    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in _override_items(plan)]
+
+
+def resolve_auto(job_cls: type[Job], cfg: DictConfig, world_size: int, gpu_memory_gb: float | None) -> dict[str, Any]:
+    """What `engine.name=auto` becomes, as {dotted key: value} to merge into the config before
+    anything is built. With no GPU memory known (CPU runs) or a job that does not describe its
+    model: single for one process, ddp for several, as before the planner. On GPUs: the planner's
+    recommendation (engine, ZeRO stage / TP size, offload, grad_accum, activation checkpointing);
+    raises ConfigError when nothing fits."""
+    if gpu_memory_gb is None or job_cls.memory_shape(cfg) is None:
+        return {"engine.name": "ddp" if world_size > 1 else "single"}
+    return dict(_override_items(recommend(job_cls, cfg, world_size, gpu_memory_gb)))
+
+
+def device_memory_gb(device: Any) -> float | None:
+    """Memory of a CUDA device in GB (the planner's unit); None on CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / GB
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def load_config(job_name: str, overrides_: list[str], preset: str | None = None) -> tuple[type[Job], DictConfig]:
+    """A job's resolved, checked config, without the launch-time checks (batch split, data) that
+    depend on the GPU count the planner is choosing for."""
+    from scaleyard.platform.config import check_config, resolve
+    from scaleyard.platform.job import get_job
+
+    job_cls = get_job(job_name)
+    names = job_cls.presets()
+    preset = ("default" if "default" in names else "") if preset is None else preset
+    if preset and preset not in names:
+        raise ConfigError(f"unknown preset {preset!r} for job {job_name}; presets: {', '.join(names) or 'none'}")
+    cfg = resolve(job_cls.Config, [job_cls.presets_dir() / f"{preset}.yaml"] if preset else [], overrides_)
+    check_config(cfg, job_cls.Config)
+    return job_cls, cfg
+
+
+def format_plan(plan: Plan) -> str:
+    """The candidates table (GB per GPU) and the recommendation with its reasons."""
+    head = (f"{'option':30s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'ema':>6s} {'buffers':>7s} "
+            f"{'act/sample':>10s} {'micro':>6s} {'total':>7s}  note")
+    lines = [f"per-GPU memory (GB) on {plan.gpus} x {plan.gpu_memory_gb:g} GB; total = allocated x "
+             f"{1 + FRAGMENTATION:g} + {FRAMEWORK_BYTES / GB:g} GB, at the largest micro-batch that fits", head]
+    for r in plan.candidates:
+        m = r.memory
+        lines.append(f"{r.candidate.label:30s} {m.params / GB:7.2f} {m.grads / GB:7.2f} {m.optimizer / GB:7.2f} "
+                     f"{m.ema / GB:6.2f} {m.buffers / GB:7.2f} {r.activations_per_sample / GB:10.4f} "
+                     f"{r.max_micro_batch or '-':>6} {m.total / GB:7.1f}  {r.note}")
+    lines += ["", f"recommended: {', '.join(overrides(plan))} (micro-batch {plan.micro_batch} per GPU)"]
+    lines += [f"  - {reason}" for reason in plan.reasons]
+    return "\n".join(lines)

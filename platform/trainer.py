@@ -85,7 +85,7 @@ class Trainer:
         parts = job.build(cfg, ctx)
         if parts.model is None or parts.train_data is None:
             raise ValueError(f"job {job.name}: build() must return a model and train_data to train")
-        engine.wrap(parts.model, parts.frozen)
+        engine.wrap(parts.model, parts.frozen, parts.parallelize)
         groups = (parts.param_groups(engine.module) if parts.param_groups
                   else default_param_groups(engine.module, cfg.optim.weight_decay))
         optimizer = make_optimizer(groups, cfg.optim)
@@ -119,7 +119,8 @@ class Trainer:
             log.info("resumed from %s (step %d)", latest.path, step)
         else:
             loss_at_checkpoint = float("nan")
-            seed_everything(cfg.run.seed * 1000 + env.rank)  # ranks differ in dropout & co.
+            # replicas differ in dropout & co.; tensor-parallel ranks of one replica must draw alike
+            seed_everything(cfg.run.seed * 1000 + engine.data_rank)
 
         main = env.rank == 0
         writer = MetricsWriter(run_dir / "tb" if main else None, purge_step=step + 1 if step else None)

@@ -25,6 +25,7 @@ from scaleyard.models.diffusion_transformer import (
     count_parameters,
     flops_per_sample,
 )  # fmt: skip
+from scaleyard.models.diffusion_transformer_parallel import parallelize_diffusion_transformer
 from scaleyard.models.presets import preset
 from scaleyard.models.text_encoder import (
     FrozenMiniLM,
@@ -43,6 +44,7 @@ from scaleyard.platform.config import (
     stream_config,
 )
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
+from scaleyard.platform.planner import BlockStack, ModelShape
 
 TEXT_ENCODERS = ("hashed", "minilm")
 MINILM_FLOPS_PER_TOKEN = 2 * 22_713_216  # forward only, frozen
@@ -130,7 +132,13 @@ class TextToImageJob(Job):
     Config = Config
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
-        model_configs(cfg)
+        denoiser, text = model_configs(cfg)
+        if cfg.engine.name == "megatron":
+            tp = cfg.engine.tp_size
+            for key, heads in (("model.preset", denoiser.heads), ("model.text_heads", text.heads)):
+                if heads % tp:
+                    raise ConfigError(f"config key 'engine.tp_size': {tp} does not divide the {heads} attention "
+                                      f"heads of {key}; choose a tp_size dividing {heads}")
         if not cfg.data.path:
             raise ConfigError("config key 'data.path': set it to a split folder with index.json "
                               "(`scaleyard data build fashion_mnist --out data/fashion_mnist`)")
@@ -158,7 +166,7 @@ class TextToImageJob(Job):
             torch.manual_seed(cfg.run.seed)
             model = TextToImage(self.denoiser_cfg, self.text_cfg, frozen.get("text_encoder"))
         self._classifier = None
-        return JobParts(model=model, frozen=frozen, train_data=stream)
+        return JobParts(model=model, frozen=frozen, train_data=stream, parallelize=parallelize_diffusion_transformer)
 
     def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.ctx.device
@@ -186,6 +194,32 @@ class TextToImageJob(Job):
         if cfg.model.text_encoder == "minilm":
             return flops_per_sample(denoiser) + MINILM_FLOPS_PER_TOKEN * denoiser.text_len
         return flops_per_sample(denoiser) + text_encoder_flops(text)
+
+    @staticmethod
+    def memory_shape(cfg: DictConfig) -> ModelShape:
+        """For the planner: the denoiser's blocks (what tensor parallelism shards) and the trainable
+        text encoder's; a frozen MiniLM runs without gradients and stores no activations."""
+        from scaleyard.models.diffusion_transformer import DiTBlock, UViTBlock
+
+        d, text = model_configs(cfg)
+        minilm = cfg.model.text_encoder == "minilm"
+        with torch.device("meta"):  # counts without allocating; the frozen encoder is only a placeholder
+            model = TextToImage(d, text, nn.Identity() if minilm else None)
+        blocks = sum(p.numel() for m in model.modules() if isinstance(m, DiTBlock | UViTBlock) for p in m.parameters())
+        uvit = d.arch == "uvit"
+        tokens = d.image_tokens + (1 + d.text_len if uvit else 0)
+        stacks = [BlockStack("denoiser", d.depth, d.width, d.heads, tokens, blocks, d.mlp_ratio, adaln=not uvit,
+                             context_tokens=d.text_len if d.arch == "dit_cross" else 0,
+                             skip_layers=d.depth // 2 if uvit else 0)]
+        if model.text is not None:
+            stacks.append(BlockStack("text encoder", text.depth, text.width, text.heads, text.max_len,
+                                     sum(p.numel() for p in model.text.blocks.parameters()), tensor_parallel=False))
+        pixels = d.channels * d.image_size**2
+        # images, noise, noisy input, target, prediction and loss terms; token embeddings in, head out
+        other = 6 * pixels + 4 * tokens * d.width
+        trainable = sum(p.numel() for p in model.parameters())
+        frozen = MINILM_FLOPS_PER_TOKEN // 2 if minilm else 0  # MiniLM's parameters (2 FLOPs each per token)
+        return ModelShape(trainable + frozen, trainable, frozen, tuple(stacks), other)
 
 
 def eval_stream(cfg: DictConfig, field: str, count: int, batch: int):

@@ -51,7 +51,9 @@ class Engine:
         return self.env.world_size
 
     # --- set-up -------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module]) -> nn.Module:
+    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], parallelize=None) -> nn.Module:
+        """Place the model and frozen modules; `parallelize` (the job's tensor-parallel plan) is
+        used by engines that split layers."""
         self.module = model.to(self.device)
         if self.cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.module)

@@ -163,7 +163,7 @@ class DeepSpeedEngine(DDPEngine):
         self.collective_eval = self.sharded_params
         self._ema_copy: nn.Module | None = None
 
-    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module]) -> nn.Module:
+    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], parallelize=None) -> nn.Module:
         import deepspeed
 
         self.module = model.to(self.device)

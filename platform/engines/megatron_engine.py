@@ -1,0 +1,188 @@
+"""`engine.name=megatron`: megatron-core tensor parallelism inside each model replica, torch DDP
+across replicas.
+
+The world is split into `engine.tp_size` ranks per replica (megatron's `parallel_state` groups:
+consecutive ranks share a replica, so TP stays inside a node). The job's model is built whole on
+every rank, then the job's `parallelize` function (beside the model, e.g.
+models/diffusion_transformer_parallel.py) swaps its block linears for megatron's parallel ones.
+Data is split over replicas only. Checkpoints hold one file per tensor-parallel rank
+(`step_*/megatron/tp_rank<R>.pt`, written by the first replica) plus the sharding layout, from
+which `model_state` and `scaleyard export` rebuild the single-device weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+
+from scaleyard.platform.config import ConfigError
+from scaleyard.platform.distributed import DistEnv
+from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
+from scaleyard.platform.engines.base import DDPEngine, ensure_process_group
+from scaleyard.platform.optim import EMA
+
+FOLDER = "megatron"
+Parallelize = Callable[[nn.Module, int], dict[str, Any]]
+
+
+def check_megatron(cfg: DictConfig, world_size: int) -> None:
+    tp = cfg.engine.tp_size
+    if world_size % tp:
+        raise ConfigError(f"config key 'engine.tp_size': {tp} does not divide the world size {world_size}")
+    if cfg.engine.sequence_parallel:
+        raise ConfigError("config key 'engine.sequence_parallel': sequence parallelism needs megatron's fused "
+                          "norms (Transformer Engine/apex, GPU only); the DiT/U-ViT plan uses tensor parallelism only")
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"engine.name=megatron needs megatron-core ({err}); pip install megatron-core") from None
+
+
+class MegatronEngine(DDPEngine):
+    name = "megatron"
+    replicated = False
+    collective_eval = True
+
+    def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
+        super().__init__(env, device, cfg)
+        ensure_process_group(env, cfg.engine.backend)
+        from megatron.core import parallel_state
+
+        self.tp_size = cfg.engine.tp_size
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp_size)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.layout: dict[str, Any] = {}
+        self._ema_copy: nn.Module | None = None
+
+    @property
+    def data_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
+
+    @property
+    def data_world_size(self) -> int:
+        return self.env.world_size // self.tp_size
+
+    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], parallelize: Parallelize | None = None) -> nn.Module:
+        if parallelize is None:
+            raise ConfigError("config key 'engine.name': this job's model has no tensor-parallel plan "
+                              "(JobParts.parallelize); use ddp or deepspeed")
+        model = model.to(self.device)
+        if self.cfg.train.ema_decay > 0:  # parallelized like the model (megatron layers cannot be deep-copied)
+            self._ema_copy = copy.deepcopy(model, memo=_outside(model))
+            parallelize(self._ema_copy, self.tp_size)
+        self.layout = parallelize(model, self.tp_size)
+        if self.cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        for module in frozen.values():
+            module.to(self.device).eval().requires_grad_(False)
+        self.module = model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp_group)
+        return self.wrapped
+
+    def make_ema(self, decay: float) -> EMA:
+        ema = EMA(self.module, decay, shadow=self._ema_copy)
+        ema.sharded = True  # each rank averages its own slices; saved per rank
+        self._ema_copy = None
+        return ema
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm over split and replicated parameters (megatron's own clipping
+        asserts CUDA tensors): split slices are summed over the tensor-parallel group, replicated
+        parameters counted once."""
+        assert self.module is not None and self.optimizer is not None
+        split, replicated = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        for p in params:
+            square = p.grad.detach().float().pow(2).sum()
+            if getattr(p, "tensor_model_parallel", False):
+                split += square
+            else:
+                replicated += square
+        dist.all_reduce(split, group=self.tp_group)
+        norm = (split + replicated).sqrt()
+        if torch.isfinite(norm):
+            if max_norm > 0:
+                factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+                for p in params:
+                    p.grad.detach().mul_(factor)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.cpu()
+
+    def accumulating(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last_micro_batch else self.wrapped.no_sync()
+
+    # --- state --------------------------------------------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Single-device weights, gathered over the tensor-parallel group (collective)."""
+        return gather_full_state(self.module, self.layout, self.tp_group, self.tp_size)
+
+    def save_state(self, folder: Path) -> None:
+        from megatron.core import parallel_state
+
+        if parallel_state.get_data_parallel_rank() == 0:  # replicas hold identical shards
+            (folder / FOLDER).mkdir(exist_ok=True)
+            torch.save({"model": _local_state(self.module), "optimizer": self.optimizer.state_dict(),
+                        "layout": {k: [v.dim, v.parts] for k, v in self.layout.items()}, "tp_size": self.tp_size},
+                       folder / FOLDER / f"tp_rank{self.tp_rank}.pt")
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / FOLDER / f"tp_rank{self.tp_rank}.pt", map_location=self.device, weights_only=True)
+        if state["tp_size"] != self.tp_size:
+            raise RuntimeError(f"{folder} was written with engine.tp_size={state['tp_size']}; this run has "
+                               f"{self.tp_size} (export it with `scaleyard export` and start a new run)")
+        self.module.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _local_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # megatron layers add an empty `_extra_state` entry per layer: nothing to keep
+    return {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def gather_full_state(module: nn.Module, layout: dict[str, Any], group, size: int) -> dict[str, torch.Tensor]:
+    from scaleyard.models.diffusion_transformer_parallel import unshard
+
+    full = {}
+    for name, tensor in _local_state(module).items():
+        how = layout.get(name)
+        if how is None:
+            full[name] = tensor.clone()
+            continue
+        shards = [torch.empty_like(tensor) for _ in range(size)]
+        dist.all_gather(shards, tensor.contiguous(), group=group)
+        full[name] = unshard(shards, how)
+    return full
+
+
+def merge_shard_files(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Single-device weights from a checkpoint's `tp_rank*.pt` files (no process group needed)."""
+    from scaleyard.models.diffusion_transformer_parallel import Sharding, unshard
+
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    layout = {k: Sharding(*v) for k, v in states[0]["layout"].items()}
+    if len(states) != states[0]["tp_size"]:
+        raise FileNotFoundError(f"expected {states[0]['tp_size']} tensor-parallel files, found {len(states)}")
+    return {name: unshard([s["model"][name] for s in states], layout[name]) if name in layout else tensor
+            for name, tensor in states[0]["model"].items()}
+
+
+def _outside(module: nn.Module) -> dict[int, Any]:
+    return {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
+
+
+__all__ = ["MegatronEngine", "check_megatron", "gather_full_state", "merge_shard_files"]
