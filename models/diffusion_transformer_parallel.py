@@ -44,6 +44,25 @@ def unshard(shards: list[torch.Tensor], how: Sharding) -> torch.Tensor:
     return torch.cat([torch.cat([p[i] for p in per_rank], dim=how.dim) for i in range(how.parts)], dim=how.dim)
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather a column-parallel output along its last dimension; backward keeps this rank's
+    slice. megatron's own gather allocates on `torch.cuda.current_device()`, so it cannot run on
+    CPU; this one runs on any device and backend."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.size = dist.get_rank(group), dist.get_world_size(group)
+        pieces = [torch.empty_like(local) for _ in range(ctx.size)]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None
+
+
 def _megatron_config(tp_size: int, dtype: torch.dtype):
     from megatron.core import ModelParallelConfig
 
@@ -59,7 +78,8 @@ def _parallel_linear(linear: nn.Linear, kind: str, parts: int, tp_size: int, ran
 
     class Column(ColumnParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # megatron returns (output, bias)
-            return super().forward(x)[0]
+            out = super().forward(x)[0]
+            return _GatherLastDim.apply(out, self.tp_group) if gather_output else out
 
     class Row(RowParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +90,7 @@ def _parallel_linear(linear: nn.Linear, kind: str, parts: int, tp_size: int, ran
     no_init = lambda weight: None  # noqa: E731
     if kind == "column":
         layer = Column(in_features, out_features, config=config, init_method=no_init, bias=linear.bias is not None,
-                       gather_output=gather_output)
+                       gather_output=False)
         plan = {"weight": Sharding(0, parts), "bias": Sharding(0, parts)}
     else:
         layer = Row(in_features, out_features, config=config, init_method=no_init, bias=linear.bias is not None,

@@ -155,6 +155,14 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from scaleyard.platform.export import export
+
+    out, digest = export(Path(args.run), args.format, Path(args.out) if args.out else None, args.step, args.ema)
+    print(f"wrote {out} (weights sha256 {digest})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from scaleyard.models.diffusion_transformer import count_parameters, flops_per_sample
     from scaleyard.models.presets import presets
@@ -168,11 +176,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from scaleyard.platform.planner import format_plan, load_config, recommend
+    from scaleyard.platform.planner import recommend
+    from scaleyard.platform.planner_report import format_plan, load_config, plan_json
 
     job_cls, cfg = load_config(args.job, args.overrides, args.preset)
     plan = recommend(job_cls, cfg, args.gpus, args.gpu_memory, gpu=args.gpu, gpus_per_node=args.gpus_per_node)
-    print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
+    print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(plan))
     return 0
 
 
@@ -323,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     logs.set_defaults(func=cmd_logs)
 
     sub.add_parser("models", help="model presets with exact parameter counts and FLOPs").set_defaults(func=cmd_models)
+    exp = sub.add_parser("export", help="consolidate a run's checkpoint (any engine) into one weights file")
+    exp.add_argument("run")
+    exp.add_argument("--format", default="safetensors", help="safetensors")
+    exp.add_argument("--out", default=None, help="file to write (default RUN/export/step_N.safetensors)")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    exp.add_argument("--ema", action="store_true", help="the EMA weights instead of the trained ones")
+    exp.set_defaults(func=cmd_export)
     sweep = sub.add_parser("sweep", help="launch (or resume) a sweep from a YAML spec as one job array")
     sweep.add_argument("spec")
     sweep.add_argument("--dir", default=None, help="sweep folder (default: runs/sweeps/<spec name>)")
@@ -383,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:  # the clear, named errors of the data and job layers
         from scaleyard.data_loaders.index import DataError
+        from scaleyard.platform.export import ExportError
         from scaleyard.platform.job import UnknownJobError
 
-        if isinstance(err, DataError | UnknownJobError | ValueError | FileNotFoundError):
+        if isinstance(err, DataError | UnknownJobError | ValueError | FileNotFoundError | ExportError):
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise

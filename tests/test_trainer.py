@@ -92,7 +92,10 @@ def test_bad_config_errors_and_existing_run_untouched(tmp_path, classify_args):
     assert ok.returncode == 0, ok.stderr
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     cases = {
-        "train.precision=fp16": "'train.precision': 'fp16' is not allowed; choose one of fp32, bf16",
+        "train.precision=fp8": "'train.precision': 'fp8' is not allowed; choose one of fp32, bf16, fp16",
+        "train.precision=fp16": "'train.precision': fp16 needs loss scaling, which engine.name=deepspeed",
+        "engine.zero_stage=4": "'engine.zero_stage': 4 is above the maximum 3",
+        "engine.tp_size=2": "'engine.tp_size': tensor/sequence parallelism needs engine.name=megatron",
         "optim.lrr=1": "unknown config key 'optim.lrr'; keys allowed here: beta1",
         "train.steps=many": "'train.steps'",
         "train.grad_accum=3": "divisible by world size x train.grad_accum",

@@ -22,6 +22,7 @@ from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
 from scaleyard.models.classifier import ClassifierConfig, ConvClassifier, classifier_flops_per_sample
 from scaleyard.platform.config import ConfigError, DataConfig, TrainingConfig, batch_per_rank, bounded, stream_config
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
+from scaleyard.platform.planner import ModelShape
 
 
 @dataclass
@@ -100,6 +101,13 @@ class Classify(Job):
     @staticmethod
     def flops_per_sample(cfg: DictConfig) -> float:
         return classifier_flops_per_sample(model_config(cfg))
+
+    @staticmethod
+    def memory_shape(cfg: DictConfig) -> ModelShape:
+        """For the planner: parameters only (a small CNN; its activations are not modelled)."""
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in ConvClassifier(model_config(cfg)).parameters())
+        return ModelShape(parameters, parameters)
 
     def state_dict(self) -> dict:
         # The architecture travels with the weights, so other jobs can rebuild the network.

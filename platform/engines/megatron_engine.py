@@ -181,8 +181,20 @@ def merge_shard_files(files: list[Path]) -> dict[str, torch.Tensor]:
             for name, tensor in states[0]["model"].items()}
 
 
+def merge_ema_files(folder: Path, model_files: list[Path]) -> dict[str, torch.Tensor]:
+    """The EMA of a tensor-parallel run: ranks 0..tp-1 (the first replica) hold its slices."""
+    from scaleyard.models.diffusion_transformer_parallel import Sharding, unshard
+
+    first = torch.load(model_files[0], map_location="cpu", weights_only=True)
+    layout = {k: Sharding(*v) for k, v in first["layout"].items()}
+    slices = [torch.load(folder / f"local_rank{r}.pt", map_location="cpu", weights_only=True)["ema"]
+              for r in range(first["tp_size"])]
+    return {name: unshard([s[name] for s in slices], layout[name]) if name in layout else tensor
+            for name, tensor in slices[0].items()}
+
+
 def _outside(module: nn.Module) -> dict[int, Any]:
     return {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
 
 
-__all__ = ["MegatronEngine", "check_megatron", "gather_full_state", "merge_shard_files"]
+__all__ = ["MegatronEngine", "check_megatron", "gather_full_state", "merge_ema_files", "merge_shard_files"]

@@ -1,0 +1,94 @@
+"""`scaleyard export RUN --format safetensors`: one file of full fp32 (or the run's dtype)
+weights from any engine's checkpoint, readable without scaleyard, DeepSpeed or megatron.
+
+- single / ddp: the model (or EMA) state in `train_state.pt`;
+- deepspeed: DeepSpeed's own consolidation (`zero_to_fp32`) of the ZeRO shards; a ZeRO-3 EMA is
+  rebuilt from each rank's partitions (`local_rank<R>.pt`);
+- megatron: the tensor-parallel files merged with the sharding layout saved beside them.
+Never overwrites: an existing output file is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from scaleyard.platform.checkpoint import Checkpointer, CheckpointRef, weights_sha256
+
+FORMATS = ("safetensors",)
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> CheckpointRef:
+    found = Checkpointer(run_dir / "checkpoints", keep=1).all()
+    if not found:
+        raise ExportError(f"{run_dir} has no complete checkpoint (checkpoints/step_*/meta.json)")
+    if step is None:
+        return found[-1]
+    for ref in found:
+        if ref.step == step:
+            return ref
+    raise ExportError(f"{run_dir} has no checkpoint at step {step}; steps: {', '.join(str(r.step) for r in found)}")
+
+
+def full_weights(ref: CheckpointRef, ema: bool = False) -> dict[str, torch.Tensor]:
+    meta = json.loads((ref.path / "meta.json").read_text())
+    engine, world = meta.get("engine", "single"), int(meta.get("world_size", 1))
+    state = torch.load(ref.path / "train_state.pt", map_location="cpu", weights_only=True)
+    if ema and not state.get("ema") and not (ref.path / "local_rank0.pt").exists():
+        raise ExportError(f"{ref.path} holds no EMA weights (train.ema_decay was 0)")
+    if engine in ("single", "ddp"):
+        return dict(state["ema"] if ema else state["model"])
+    if engine == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        model = get_fp32_state_dict_from_zero_checkpoint(str(ref.path), tag="deepspeed")
+        if not ema:
+            return dict(model)
+        if state.get("ema"):  # ZeRO 1-2: the EMA is replicated, saved by rank 0
+            return dict(state["ema"])
+        return _zero3_ema(ref.path, world, {k: v.shape for k, v in model.items()})
+    if engine == "megatron":
+        from scaleyard.platform.engines.megatron_engine import merge_ema_files, merge_shard_files
+
+        files = sorted((ref.path / "megatron").glob("tp_rank*.pt"), key=lambda p: int(p.stem[len("tp_rank"):]))
+        return merge_ema_files(ref.path, files) if ema else merge_shard_files(files)
+    raise ExportError(f"{ref.path}: unknown engine {engine!r} in meta.json")
+
+
+def _zero3_ema(folder: Path, world: int, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """ZeRO-3 splits each flattened parameter into `world` equal, end-padded partitions."""
+    parts = [torch.load(folder / f"local_rank{r}.pt", map_location="cpu", weights_only=True)["ema"]
+             for r in range(world)]
+    full = {}
+    for name, shape in shapes.items():
+        if name not in parts[0]:
+            continue
+        flat = torch.cat([p[name].flatten() for p in parts])
+        full[name] = flat[: math.prod(shape)].view(shape).clone()
+    return full
+
+
+def export(run_dir: Path, fmt: str = "safetensors", out: Path | None = None, step: int | None = None,
+           ema: bool = False) -> tuple[Path, str]:
+    """Write the weights; returns the file and the weights' sha256 (as in summary.json)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
+    ref = find_checkpoint(run_dir, step)
+    out = out or run_dir / "export" / f"step_{ref.step:08d}{'_ema' if ema else ''}.safetensors"
+    if out.exists():
+        raise ExportError(f"{out} exists; choose another --out (exports never overwrite)")
+    weights = {k: v.detach().contiguous().clone() for k, v in full_weights(ref, ema).items()}
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(weights, str(tmp), metadata={"step": str(ref.step), "run": str(run_dir), "ema": str(ema)})
+    tmp.rename(out)
+    return out, weights_sha256(weights)

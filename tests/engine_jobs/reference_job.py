@@ -1,0 +1,115 @@
+"""A preference job with a frozen reference model (the shape of DPO), run by the real Trainer
+under torchrun: `python -m torch.distributed.run --nproc_per_node 2 tests/engine_jobs/reference_job.py
+RUN_DIR [overrides]`. Used by tests/test_engines_deepspeed.py to check that ZeRO-3 partitions the
+frozen reference model like the trained one and that evaluation (collective under ZeRO-3) works."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleyard.platform.config import TrainingConfig, check_config, resolve
+from scaleyard.platform.distributed import env_from_os
+from scaleyard.platform.job import Context, EvalResult, Job, JobParts
+from scaleyard.platform.launch import destroy_process_group
+from scaleyard.platform.trainer import Trainer
+
+FEATURES = 32
+
+
+@dataclass
+class Config(TrainingConfig):
+    beta: float = 0.5
+    hidden: int = 256
+
+
+class Scorer(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(FEATURES, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class Pairs:
+    """Preference pairs (chosen, rejected): a hidden direction decides which is preferred. Batch i
+    of data rank r is a pure function of (seed, i, r), so resuming at any position is exact."""
+
+    def __init__(self, seed: int, batch: int, rank: int):
+        self.seed, self.batch, self.rank, self.position = seed, batch, rank, 0
+        self.direction = torch.randn(FEATURES, generator=torch.Generator().manual_seed(seed))
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position * 97 + self.rank)
+            a, b = torch.randn(2, self.batch, FEATURES, generator=g)
+            prefer_a = (a @ self.direction > b @ self.direction)[:, None]
+            self.position += 1
+            yield torch.where(prefer_a, a, b), torch.where(prefer_a, b, a)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+class ReferenceJob(Job):
+    name = "reference_probe"
+    Config = Config
+
+    def build(self, cfg, ctx: Context) -> JobParts:
+        self.cfg, self.ctx = cfg, ctx
+        torch.manual_seed(cfg.run.seed)
+        policy = Scorer(cfg.hidden)
+        self.reference = copy.deepcopy(policy)
+        self.policy_parameters = sum(p.numel() for p in policy.parameters())
+        batch = cfg.train.batch_size // (ctx.data_world_size * cfg.train.grad_accum)
+        return JobParts(model=policy, frozen={"reference": self.reference},
+                        train_data=Pairs(cfg.run.seed, batch, ctx.data_rank))
+
+    def margins(self, model: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ref = self.reference(chosen) - self.reference(rejected)
+        return self.cfg.beta * ((model(chosen) - model(rejected)) - ref)
+
+    def train_step(self, model, batch):
+        chosen, rejected = (t.to(self.ctx.device) for t in batch)
+        margins = self.margins(model, chosen, rejected)
+        return -F.logsigmoid(margins).mean(), {"accuracy": (margins > 0).float().mean()}
+
+    def evaluate(self, model, step):
+        g = torch.Generator().manual_seed(12345)
+        direction = Pairs(self.cfg.run.seed, 1, 0).direction
+        a, b = torch.randn(2, 512, FEATURES, generator=g)
+        prefer_a = (a @ direction > b @ direction)[:, None]
+        chosen, rejected = torch.where(prefer_a, a, b), torch.where(prefer_a, b, a)
+        accuracy = float((self.margins(model, chosen, rejected) > 0).float().mean())
+
+        def local(module: nn.Module) -> int:  # elements this rank holds (ZeRO-3: its partition)
+            return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+        probe = {"rank": self.ctx.rank, "accuracy": accuracy, "parameters": self.policy_parameters,
+                 "local_policy": local(model), "local_reference": local(self.reference)}
+        (self.ctx.run_dir / f"probe_rank{self.ctx.rank}.json").write_text(json.dumps(probe))
+        return EvalResult(metrics={"accuracy": accuracy})
+
+
+if __name__ == "__main__":
+    run_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = resolve(Config, [], [f"run.dir={run_dir}", *overrides])
+    check_config(cfg, Config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        Trainer(ReferenceJob(), cfg, env_from_os()).run()
+    finally:
+        destroy_process_group()
