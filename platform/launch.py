@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scaleyard.platform.config import (
@@ -45,8 +46,11 @@ class Prepared:
         return Path(self.cfg.run.dir)
 
 
-def prepare(job_name: str, overrides: list[str], preset: str | None = None, world_size: int = 1) -> Prepared:
-    """Everything that can be checked before a process starts or a job is queued. Writes nothing."""
+def prepare(job_name: str, overrides: list[str], preset: str | None = None, world_size: int = 1,
+            gpu_memory_gb: float | None = None) -> Prepared:
+    """Everything that can be checked before a process starts or a job is queued. Writes nothing.
+    On GPUs `engine.name=auto` is resolved here by the planner (for `gpu_memory_gb`, default:
+    this machine's GPU), so config.yaml records the engine, ZeRO stage and micro-batch that ran."""
     job_cls = get_job(job_name)
     presets = job_cls.presets()
     if preset is None:
@@ -56,6 +60,14 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     files = [job_cls.presets_dir() / f"{preset}.yaml"] if preset else []
     cfg = resolve(job_cls.Config, files, overrides)
     check_config(cfg, job_cls.Config)
+    if job_cls.trains and cfg.engine.name == "auto":
+        from scaleyard.platform.planner import device_memory_gb, resolve_auto
+
+        if gpu_memory_gb is None and torch.cuda.is_available():
+            gpu_memory_gb = device_memory_gb("cuda:0")
+        if gpu_memory_gb:  # without GPUs auto stays auto: single or ddp by process count, at start-up
+            for key, value in resolve_auto(job_cls, cfg, world_size, gpu_memory_gb).items():
+                OmegaConf.update(cfg, key, value, merge=False)
     if job_cls.trains:
         check_engine(cfg, world_size)
         check_batch(cfg, data_world_size(cfg, world_size))

@@ -40,6 +40,7 @@ class ClusterProfile:
     mem_gb: float = 0.0  # per node; 0 = cluster default
     cpus_per_task: int = 1
     gpus_per_node: int = 0
+    gpu_memory_gb: float = 0.0  # per GPU, for engine.name=auto's planner; 0 = unknown (single/ddp)
     nodes: int = 1
     ntasks_per_node: int = 1
     signal_delay_s: int = 30  # warning signal (USR2) this long before the time limit

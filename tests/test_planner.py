@@ -170,3 +170,16 @@ def test_cli_plan_table_and_json() -> None:
     assert data["memory_gb"]["total"] <= 80
     failed = scaleyard("plan", "t2i", "model.preset=uvit-8B", "--gpus", "1", "--gpu-memory", "2")
     assert failed.returncode == 2 and "needs at least" in failed.stderr
+
+
+def test_prepare_resolves_engine_auto_with_the_planner_on_gpus() -> None:
+    """`engine.name=auto` before launch: the planner's choice when GPU memory is known (from the
+    cluster profile or the local GPU), recorded in the config that config.yaml will hold."""
+    from scaleyard.platform.launch import prepare
+
+    big = prepare("t2i", ["model.preset=dit_adaln-8B", "train.precision=bf16"], world_size=8, gpu_memory_gb=80)
+    assert big.cfg.engine.name == "deepspeed" and big.cfg.engine.zero_stage == 3
+    small = prepare("t2i", ["model.preset=dit_adaln-0.3B", "train.precision=bf16"], world_size=8, gpu_memory_gb=80)
+    assert small.cfg.engine.name == "ddp"
+    cpu = prepare("t2i", [], world_size=2, gpu_memory_gb=None)
+    assert cpu.cfg.engine.name == "auto"  # resolved to ddp at start-up, so resuming on 1 rank stays allowed
