@@ -63,6 +63,15 @@ class _GatherLastDim(torch.autograd.Function):
         return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None
 
 
+def _cpu_autocast_off(x: torch.Tensor):
+    """megatron's linear declares its backward for CUDA autocast only; under CPU autocast the
+    backward would mix bf16 gradients with fp32 weights. On CPU these layers run in the weights'
+    dtype instead (CPU runs are for development; GPU runs keep autocast)."""
+    import contextlib
+
+    return torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext()
+
+
 def _megatron_config(tp_size: int, dtype: torch.dtype):
     from megatron.core import ModelParallelConfig
 
@@ -78,12 +87,14 @@ def _parallel_linear(linear: nn.Linear, kind: str, parts: int, tp_size: int, ran
 
     class Column(ColumnParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # megatron returns (output, bias)
-            out = super().forward(x)[0]
+            with _cpu_autocast_off(x):
+                out = super().forward(x.to(self.weight.dtype) if x.device.type == "cpu" else x)[0]
             return _GatherLastDim.apply(out, self.tp_group) if gather_output else out
 
     class Row(RowParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0]
+            with _cpu_autocast_off(x):
+                return super().forward(x.to(self.weight.dtype) if x.device.type == "cpu" else x)[0]
 
     config = _megatron_config(tp_size, linear.weight.dtype)
     out_features, in_features = linear.weight.shape

@@ -138,6 +138,10 @@ class Engine:
 class DDPEngine(Engine):
     name = "ddp"
 
+    def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
+        super().__init__(env, device, cfg)
+        ensure_process_group(env, cfg.engine.backend)  # also for one process (benchmarks, ddp on 1 GPU)
+
     def _wrap(self, module: nn.Module) -> nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

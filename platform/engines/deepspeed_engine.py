@@ -18,6 +18,7 @@ import contextlib
 import copy
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch import nn
 from scaleyard.platform.config import ConfigError, batch_per_rank
 from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
-from scaleyard.platform.engines.base import DDPEngine, ensure_process_group
+from scaleyard.platform.engines.base import DDPEngine
 from scaleyard.platform.optim import EMA
 
 log = logging.getLogger("scaleyard")
@@ -150,10 +151,12 @@ class DeepSpeedEngine(DDPEngine):
     replicated = False
 
     def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
-        super().__init__(env, device, cfg)
         if device.type == "cpu":
             _skip_cpu_shm_op()
-        ensure_process_group(env, cfg.engine.backend)
+        super().__init__(env, device, cfg)  # the process group
+        # DeepSpeed reads its rank from the environment; srun sets only SLURM_* variables
+        for key, value in (("LOCAL_RANK", env.local_rank), ("RANK", env.rank), ("WORLD_SIZE", env.world_size)):
+            os.environ.setdefault(key, str(value))
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)

@@ -26,7 +26,7 @@ from torch import nn
 from scaleyard.platform.config import ConfigError
 from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
-from scaleyard.platform.engines.base import DDPEngine, ensure_process_group
+from scaleyard.platform.engines.base import DDPEngine
 from scaleyard.platform.optim import EMA
 
 FOLDER = "megatron"
@@ -52,8 +52,7 @@ class MegatronEngine(DDPEngine):
     collective_eval = True
 
     def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
-        super().__init__(env, device, cfg)
-        ensure_process_group(env, cfg.engine.backend)
+        super().__init__(env, device, cfg)  # the process group
         from megatron.core import parallel_state
 
         self.tp_size = cfg.engine.tp_size
