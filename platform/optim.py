@@ -61,7 +61,9 @@ class EMA:
         if shadow is None:
             # modules a job holds outside the module tree (a frozen encoder) are shared, not copied
             outside = {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
-            shadow = copy.deepcopy(module, memo=outside)
+            # fp32 even when the engine keeps bf16 weights (DeepSpeed bf16): an average with weight
+            # 1e-3 in bf16 would round most updates away
+            shadow = copy.deepcopy(module, memo=outside).float()
         self.shadow = shadow.eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
@@ -73,7 +75,7 @@ class EMA:
     def update(self, module: nn.Module, step: int) -> None:
         decay = self.decay_at(step)
         for ema_param, param in zip(self.shadow.parameters(), module.parameters()):
-            ema_param.lerp_(param.detach(), 1.0 - decay)
+            ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
         for ema_buf, buf in zip(self.shadow.buffers(), module.buffers()):
             ema_buf.copy_(buf)
 

@@ -264,7 +264,9 @@ class Trainer:
             "job": job.name,
             "step": step,
             "final_loss": loss_value,
-            "params": job.model_size(cfg) or sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
+            # ds_numel: ZeRO-3 leaves partitioned parameters empty on every rank
+            "params": job.model_size(cfg) or sum(getattr(p, "ds_numel", p.numel())
+                                                 for p in engine.module.parameters() if p.requires_grad),
             "samples_seen": samples_seen,
             "compute_flops": flops_per_sample * samples_seen,
             "weights_sha256": weights_sha256(engine.model_state()),
