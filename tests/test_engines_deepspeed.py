@@ -131,3 +131,17 @@ def test_impossible_deepspeed_settings_refused_before_running(fmnist, tmp_path, 
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr
     assert not run_dir.exists()
+
+
+def test_gradient_accumulation_matches_ddp(fmnist, tmp_path):
+    """train.grad_accum=2 reaches DeepSpeed as gradient_accumulation_steps (the Trainer's loss
+    division is not repeated): the same curve as DDP accumulating the same micro-batches."""
+    curves = []
+    for engine in (["engine.name=ddp"], ["engine.name=deepspeed", "engine.zero_stage=2"]):
+        run_dir = tmp_path / engine[-1].replace("=", "_")
+        done = scaleyard(*t2i_args(fmnist, run_dir, *engine, "train.grad_accum=2", "train.steps=6",
+                                   "train.ckpt_every=0"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        curves.append(losses(run_dir))
+    assert len(curves[0]) == 6
+    assert max(abs(a - b) for a, b in zip(*curves)) < LOSS_TOLERANCE, curves
