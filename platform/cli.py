@@ -91,10 +91,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     profile = apply_overrides(profile, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                               ntasks_per_node=args.ntasks_per_node, time_min=args.time)
     prepared = prepare(args.job, args.overrides, args.preset, profile.world_size,
-                       gpu_memory_gb=profile.gpu_memory_gb or None)
+                       gpu_memory_gb=profile.gpu_memory_gb or None, runs_here=args.cluster == "local")
     prepared.cfg.run.dir = str(prepared.run_dir.absolute())  # the job may start in another directory
     run_dir = str(prepared.run_dir)
-    task = RunTask(args.job, prepared.preset, [*args.overrides, f"run.dir={run_dir}"], run_dir)
+    task = RunTask(args.job, prepared.preset, [*prepared.overrides, f"run.dir={run_dir}"], run_dir)
     job_name = args.name or f"sy-{args.job}"
     check_job_name(job_name)
     check_profile(profile, args.cluster)  # before anything is written or queued

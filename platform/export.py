@@ -53,7 +53,7 @@ def full_weights(ref: CheckpointRef, ema: bool = False) -> dict[str, torch.Tenso
             return dict(model)
         if state.get("ema"):  # ZeRO 1-2: the EMA is replicated, saved by rank 0
             return dict(state["ema"])
-        return _zero3_ema(ref.path, world, {k: v.shape for k, v in model.items()})
+        return _with_buffers(_zero3_ema(ref.path, world, {k: v.shape for k, v in model.items()}), model)
     if engine == "megatron":
         from scaleyard.platform.engines.megatron_engine import merge_ema_files, merge_shard_files
 
@@ -73,6 +73,11 @@ def _zero3_ema(folder: Path, world: int, shapes: dict[str, torch.Size]) -> dict[
         flat = torch.cat([p[name].flatten() for p in parts])
         full[name] = flat[: math.prod(shape)].view(shape).clone()
     return full
+
+
+def _with_buffers(ema: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EMA partitions hold parameters only; buffers are the model's (they are not averaged)."""
+    return {name: ema.get(name, value) for name, value in model.items()}
 
 
 def export(run_dir: Path, fmt: str = "safetensors", out: Path | None = None, step: int | None = None,

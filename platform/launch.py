@@ -47,10 +47,12 @@ class Prepared:
 
 
 def prepare(job_name: str, overrides: list[str], preset: str | None = None, world_size: int = 1,
-            gpu_memory_gb: float | None = None) -> Prepared:
+            gpu_memory_gb: float | None = None, runs_here: bool = True) -> Prepared:
     """Everything that can be checked before a process starts or a job is queued. Writes nothing.
     On GPUs `engine.name=auto` is resolved here by the planner (for `gpu_memory_gb`, default:
-    this machine's GPU), so config.yaml records the engine, ZeRO stage and micro-batch that ran."""
+    this machine's GPU), so config.yaml records the engine, ZeRO stage and micro-batch that ran;
+    the choice joins the overrides, so child processes and requeued jobs never plan again.
+    `runs_here=False` (submitting to a cluster) skips checks of this machine's hardware."""
     job_cls = get_job(job_name)
     presets = job_cls.presets()
     if preset is None:
@@ -66,10 +68,13 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
         if gpu_memory_gb is None and torch.cuda.is_available():
             gpu_memory_gb = device_memory_gb("cuda:0")
         if gpu_memory_gb:  # without GPUs auto stays auto: single or ddp by process count, at start-up
-            for key, value in resolve_auto(job_cls, cfg, world_size, gpu_memory_gb).items():
+            planned = resolve_auto(job_cls, cfg, world_size, gpu_memory_gb)
+            for key, value in planned.items():
                 OmegaConf.update(cfg, key, value, merge=False)
+            overrides = [*overrides, *(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                                       for key, value in planned.items())]
     if job_cls.trains:
-        check_engine(cfg, world_size)
+        check_engine(cfg, world_size, runs_here)
         check_batch(cfg, data_world_size(cfg, world_size))
     job = job_cls()
     job.check(cfg, world_size)

@@ -134,7 +134,8 @@ def launch(spec_path: Path, sweep_dir: Path, cluster: str, profile_name: str | N
     (sweep_dir / (MANIFEST + ".tmp")).rename(manifest_file)
     for run in pending:
         write_config(run.prepared)
-    tasks = [RunTask(spec.job, run.prepared.preset, run.overrides, str(run.prepared.run_dir)) for run in pending]
+    tasks = [RunTask(spec.job, run.prepared.preset, run.prepared.overrides, str(run.prepared.run_dir))
+             for run in pending]
     if tasks:
         submit_array(tasks, cluster, profile, f"sy-sweep-{spec.job}", sweep_dir / "submitit", spec.concurrency)
     return {"runs": len(runs), "submitted": [r.name for r in pending], "skipped": skipped}

@@ -29,6 +29,9 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 loss scaling skips steps while it searches for a scale; this many in a row means the
+# gradients are really non-finite
+MAX_SKIPPED_STEPS = 20
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,6 +176,7 @@ class Trainer:
             engine.barrier()
             return result.metrics
 
+        skipped_in_a_row = 0
         data = iter(parts.train_data)
         window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
         last_ckpt_time = time.monotonic()
@@ -201,7 +205,7 @@ class Trainer:
                 not bool(torch.isfinite(step_loss)), self.stop.signal is not None, time_due, data_broken,
             ])
             if bad_loss:
-                raise NonFiniteLossError(self._nonfinite_message(step + 1, "loss", checkpointer))
+                raise NonFiniteLossError(self._nonfinite_message(step + 1, "loss", checkpointer, engine, before=True))
             if too_many_skips:
                 problems = getattr(parts.train_data, "problems", [])
                 raise RuntimeError(
@@ -209,11 +213,18 @@ class Trainer:
                     f"at step {step + 1}; first problems: {problems[:3]}"
                 )
             grad_norm = engine.clip_and_step(cfg.train.clip_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLossError(self._nonfinite_message(step + 1, "gradient norm", checkpointer))
-            scheduler.step()
-            if ema is not None:
-                ema.update(engine.module, step)
+            if engine.step_skipped():  # fp16 loss-scale overflow: the engine lowered the scale
+                skipped_in_a_row += 1
+                log.warning("step %d skipped: fp16 gradients overflowed (%d in a row)", step + 1, skipped_in_a_row)
+                if skipped_in_a_row > MAX_SKIPPED_STEPS:
+                    raise NonFiniteLossError(self._nonfinite_message(step + 1, "fp16 gradients", checkpointer, engine))
+            else:
+                skipped_in_a_row = 0
+                if not torch.isfinite(grad_norm):
+                    raise NonFiniteLossError(self._nonfinite_message(step + 1, "gradient norm", checkpointer, engine))
+                scheduler.step()
+                if ema is not None:
+                    ema.update(engine.module, step)
             step += 1
             window_samples += samples_per_step
 
@@ -284,10 +295,12 @@ class Trainer:
         return summary
 
     @staticmethod
-    def _nonfinite_message(step: int, what: str, checkpointer: Checkpointer) -> str:
+    def _nonfinite_message(step: int, what: str, checkpointer: Checkpointer, engine, before: bool = False) -> str:
         latest = checkpointer.latest()
         kept = f"the last good checkpoint is {latest.path}" if latest else "no checkpoint was written yet"
-        return (f"non-finite {what} at step {step}: training stopped before the optimizer step; {kept}. "
+        stopped = ("training stopped before the optimizer step" if before or not engine.steps_before_norm_check
+                   else f"{engine.name} had already applied the step; nothing after it was saved")
+        return (f"non-finite {what} at step {step}: {stopped}; {kept}. "
                 "Lower optim.lr, enable train.clip_grad_norm, or check the data of this step.")
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_resume import kill_while_writing
@@ -94,12 +95,18 @@ def test_zero3_offload_and_bf16_train(fmnist, tmp_path, ddp_reference):
     assert done.returncode == 0, done.stderr[-3000:]
     # bf16 weights and activations: same trajectory to about bf16's 3 significant digits
     assert max(abs(a - b) for a, b in zip(losses(bf16), losses(ddp_reference))) < 0.05
+    # summary and export both hold the fp32 master weights, not the bf16 working copy
+    exported = scaleyard("export", str(bf16))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    weights = load_file(bf16 / "export" / "step_00000012.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert weights_sha256(weights) == summary(bf16)["weights_sha256"]
 
 
 def test_zero3_partitions_trained_and_frozen_reference_models(tmp_path):
     run_dir = tmp_path / "dpo"
     overrides = ["engine.name=deepspeed", "engine.zero_stage=3", "train.steps=40", "train.batch_size=64",
-                 "optim.lr=3e-3", "train.log_every=10", "train.ckpt_every=0", "train.ema_decay=0.9",
+                 "optim.lr=3e-3", "train.log_every=10", "train.ckpt_every=0", "train.ema_decay=0.9", "train.eval_every=20",
                  # DeepSpeed keeps parameters under 1e5 elements whole by default; partition all of them
                  "engine.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -114,13 +121,19 @@ def test_zero3_partitions_trained_and_frozen_reference_models(tmp_path):
         assert 0.5 * total <= probe["local_reference"] <= 0.5 * total + 8, probe
         assert probe["accuracy"] > 0.8, probe  # the policy learned the preference against the reference
     assert probes[0]["accuracy"] == probes[1]["accuracy"]
+    # evaluation ran on the EMA; what it computed with is what its partitions export to (a
+    # parameter DeepSpeed kept gathered between uses would have gone stale)
+    exported = scaleyard("export", str(run_dir), "--ema")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    ema = load_file(run_dir / "export" / "step_00000040_ema.safetensors")
+    assert weights_sha256(ema) == probes[0]["eval_weights_sha256"] == probes[1]["eval_weights_sha256"]
 
 
 @pytest.mark.parametrize("override,message", [
     (["engine.zero_stage=5"], "'engine.zero_stage': 5 is above the maximum 3"),
     (["engine.zero_stage=2", "engine.offload_params=true"], "parameter offload needs engine.zero_stage=3"),
     (["engine.zero_stage=0", "engine.offload_optimizer=true"], "optimizer offload needs engine.zero_stage >= 1"),
-    (["+engine.deepspeed.optimizer.type=Adam"], "'engine.deepspeed.optimizer': scaleyard builds the optimizer"),
+    (["engine.deepspeed.optimizer.type=Adam"], "'engine.deepspeed.optimizer': scaleyard builds the optimizer"),
     (["engine.deepspeed.zero_optimization.offload_param.device=nvme", "engine.zero_stage=3"],
      "AsyncIOBuilder op cannot be built here"),
     (["train.precision=fp16"], "fp16 with DeepSpeed needs a GPU"),

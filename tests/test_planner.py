@@ -179,6 +179,10 @@ def test_prepare_resolves_engine_auto_with_the_planner_on_gpus() -> None:
 
     big = prepare("t2i", ["model.preset=dit_adaln-8B", "train.precision=bf16"], world_size=8, gpu_memory_gb=80)
     assert big.cfg.engine.name == "deepspeed" and big.cfg.engine.zero_stage == 3
+    # the choice travels with the overrides: ranks and requeued jobs on other nodes never re-plan
+    assert "engine.name=deepspeed" in big.overrides and "engine.zero_stage=3" in big.overrides
+    replayed = prepare("t2i", big.overrides, world_size=8, gpu_memory_gb=40)
+    assert replayed.cfg.engine == big.cfg.engine and replayed.cfg.train == big.cfg.train
     small = prepare("t2i", ["model.preset=dit_adaln-0.3B", "train.precision=bf16"], world_size=8, gpu_memory_gb=80)
     assert small.cfg.engine.name == "ddp"
     cpu = prepare("t2i", [], world_size=2, gpu_memory_gb=None)

@@ -32,6 +32,8 @@ class Engine:
     # True when no rank holds the whole model (ZeRO-3, tensor parallelism): forward passes are
     # collective, so evaluation runs on every rank (rank 0 reports).
     collective_eval = False
+    # True when the gradient norm is only known after the update was applied (DeepSpeed)
+    steps_before_norm_check = False
 
     def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
         self.env = env
@@ -94,6 +96,10 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def step_skipped(self) -> bool:
+        """True when the last clip_and_step skipped its update on purpose (fp16 overflow)."""
+        return False
 
     # --- collectives --------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -184,7 +190,7 @@ def data_world_size(cfg: DictConfig, world_size: int) -> int:
     return world_size // cfg.engine.tp_size if cfg.engine.name == "megatron" else world_size
 
 
-def check_engine(cfg: DictConfig, world_size: int) -> None:
+def check_engine(cfg: DictConfig, world_size: int, runs_here: bool = True) -> None:
     """Engine settings that cannot run, reported with their key before anything starts or queues."""
     name = cfg.engine.name
     if cfg.train.precision == "fp16" and name != "deepspeed":
@@ -195,7 +201,7 @@ def check_engine(cfg: DictConfig, world_size: int) -> None:
     if name == "deepspeed":
         from scaleyard.platform.engines.deepspeed_engine import check_deepspeed
 
-        check_deepspeed(cfg, world_size)
+        check_deepspeed(cfg, world_size, runs_here)
     if name == "megatron":
         from scaleyard.platform.engines.megatron_engine import check_megatron
 

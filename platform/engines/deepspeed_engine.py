@@ -38,8 +38,10 @@ TAG = "deepspeed"  # sub-folder of a platform checkpoint that holds DeepSpeed's 
 RESERVED_KEYS = ("optimizer", "scheduler")  # scaleyard builds these from optim.* (one source of truth)
 
 
-def check_deepspeed(cfg: DictConfig, world_size: int) -> None:
-    """Settings DeepSpeed cannot run, reported with the key before anything starts."""
+def check_deepspeed(cfg: DictConfig, world_size: int, runs_here: bool = True) -> None:
+    """Settings DeepSpeed cannot run, reported with the key before anything starts. Hardware
+    checks (GPU for fp16, libaio for NVMe) only apply when the run starts on this machine, not
+    when it is submitted from a login node."""
     e = cfg.engine
     if e.offload_params and e.zero_stage != 3:
         raise ConfigError(f"config key 'engine.offload_params': parameter offload needs engine.zero_stage=3 "
@@ -52,10 +54,10 @@ def check_deepspeed(cfg: DictConfig, world_size: int) -> None:
                               f"set optim.lr/optim.schedule/... instead")
     offload = e.deepspeed.get("zero_optimization", {})
     for part in ("offload_optimizer", "offload_param"):
-        if offload.get(part, {}).get("device") == "nvme":
+        if runs_here and offload.get(part, {}).get("device") == "nvme":
             _require_op("AsyncIOBuilder", f"engine.deepspeed.zero_optimization.{part}.device=nvme",
                         "install libaio (apt install libaio-dev) and reinstall deepspeed, or offload to cpu")
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+    if runs_here and cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.precision': fp16 with DeepSpeed needs a GPU (loss scaling kernels); "
                           "use bf16 or fp32 on CPU")
     try:
@@ -105,12 +107,16 @@ def deepspeed_config(cfg: DictConfig, data_world_size: int, parameters: int | No
     return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
 
 
-def _frozen_config(conf: dict[str, Any], fp32: bool = False) -> dict[str, Any]:
-    """Config for modules DeepSpeed partitions but never steps (reference models, the EMA; the
-    EMA stays fp32: averaging with weight 1e-3 in bf16 would round most updates away)."""
+def _frozen_config(conf: dict[str, Any], ema: bool = False) -> dict[str, Any]:
+    """Config for modules DeepSpeed partitions but never steps (reference models, the EMA). The
+    EMA stays fp32 (averaging with weight 1e-3 in bf16 would round most updates away) and keeps
+    no parameter gathered between uses: its partitions change every step, and a parameter
+    DeepSpeed keeps whole ("persistent", under 1e5 elements by default) would go stale."""
     zero = {k: v for k, v in conf["zero_optimization"].items() if k in ("stage", "offload_param")}
-    low = {"bf16": {"enabled": False}, "fp16": {"enabled": False}} if fp32 else {"bf16": conf["bf16"],
-                                                                                "fp16": conf["fp16"]}
+    if ema:
+        zero["stage3_param_persistence_threshold"] = 0
+    off = {"enabled": False}
+    low = {"bf16": off, "fp16": off} if ema else {"bf16": conf["bf16"], "fp16": conf["fp16"]}
     return {"train_micro_batch_size_per_gpu": conf["train_micro_batch_size_per_gpu"],
             "zero_optimization": zero, **low, "steps_per_print": conf["steps_per_print"]}
 
@@ -137,6 +143,8 @@ class ShardedEMA(EMA):
         weight = 1.0 - self.decay_at(step)
         for ema_param, param in zip(self.shadow.parameters(), module.parameters()):
             ema_param.ds_tensor.lerp_(param.ds_tensor.to(ema_param.ds_tensor.dtype), weight)
+        for ema_buffer, buffer in zip(self.shadow.buffers(), module.buffers()):  # never partitioned
+            ema_buffer.copy_(buffer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.ds_tensor.detach().cpu().clone() for name, p in self.shadow.named_parameters()}
@@ -149,6 +157,7 @@ class ShardedEMA(EMA):
 class DeepSpeedEngine(DDPEngine):
     name = "deepspeed"
     replicated = False
+    steps_before_norm_check = True
 
     def __init__(self, env: DistEnv, device: torch.device, cfg: DictConfig):
         if device.type == "cpu":
@@ -163,19 +172,21 @@ class DeepSpeedEngine(DDPEngine):
         self.ds_config = deepspeed_config(cfg, env.world_size)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         self.sharded_params = self.stage == 3
+        self.low_precision = cfg.train.precision in ("bf16", "fp16")
         self.collective_eval = self.sharded_params
         self._ema_copy: nn.Module | None = None
 
     def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], parallelize=None) -> nn.Module:
         import deepspeed
 
-        self.module = model.to(self.device)
         self.ds_config = deepspeed_config(self.cfg, self.env.world_size, sum(p.numel() for p in model.parameters()))
+        if self.sharded_params and self.cfg.train.ema_decay > 0:
+            # copied before partitioning, so the shadow is partitioned exactly like the model, and
+            # before the model moves, so two whole copies never sit on the GPU
+            self._ema_copy = copy.deepcopy(model, memo=_outside_modules(model)).requires_grad_(False)
+        self.module = model.to(self.device)
         if self.cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.module)
-        if self.sharded_params and self.cfg.train.ema_decay > 0:
-            # copied before partitioning, so the shadow is partitioned exactly like the model
-            self._ema_copy = copy.deepcopy(model, memo=_outside_modules(model)).requires_grad_(False)
         for name, module in frozen.items():
             module.to(self.device).eval().requires_grad_(False)
             if self.sharded_params:
@@ -196,7 +207,7 @@ class DeepSpeedEngine(DDPEngine):
             return super().make_ema(decay)
         import deepspeed
 
-        shadow, _, _, _ = deepspeed.initialize(model=self._ema_copy, config=_frozen_config(self.ds_config, fp32=True))
+        shadow, _, _, _ = deepspeed.initialize(model=self._ema_copy, config=_frozen_config(self.ds_config, ema=True))
         ema = ShardedEMA(shadow.module, decay)
         self._ema_copy = None
         return ema
@@ -213,16 +224,26 @@ class DeepSpeedEngine(DDPEngine):
 
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         """DeepSpeed clips (gradient_clipping = train.clip_grad_norm) and steps. Unlike the
-        plain engines it has already stepped when the norm turns out non-finite; the Trainer then
-        stops before anything is saved, so the last checkpoint stays good."""
+        plain engines it has already stepped when the norm turns out non-finite (bf16 has no
+        overflow check); the Trainer then stops before anything is saved."""
+        own_norm = None
+        if self.stage == 0 and not self.low_precision:  # plain torch optimizer: DeepSpeed keeps no norm
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            own_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         self.wrapped.step()
-        norm = self.wrapped.get_global_grad_norm()
+        norm = self.wrapped.get_global_grad_norm() if own_norm is None else own_norm
         return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def step_skipped(self) -> bool:
+        """fp16: DeepSpeed skips the update when the scaled gradients overflow and lowers the
+        loss scale; the Trainer then neither fails nor advances the schedule or the EMA."""
+        return self.cfg.train.precision == "fp16" and not self.wrapped.was_step_applied()
 
     # --- state --------------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
-        """Full weights (collective under ZeRO-3: every rank must call it)."""
-        return full_state(self.module, self.sharded_params)
+        """Full weights, fp32 master copies under bf16/fp16 (what `scaleyard export` writes).
+        Collective under ZeRO-3: every rank calls it."""
+        return full_state(self.module, self.sharded_params, self.low_precision)
 
     def save_state(self, folder: Path) -> None:
         self.wrapped.save_checkpoint(str(folder), tag=TAG, save_latest=False)
@@ -234,13 +255,23 @@ class DeepSpeedEngine(DDPEngine):
             raise FileNotFoundError(f"{folder / TAG} holds no DeepSpeed checkpoint")
 
 
-def full_state(module: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
-    if not sharded:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+def full_state(module: nn.Module, sharded: bool, low_precision: bool = False) -> dict[str, torch.Tensor]:
+    """One parameter at a time, to the CPU: gathering a whole ZeRO-3 model at once would need the
+    full model on every GPU, which is what ZeRO-3 is there to avoid."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param) if low_precision and param.requires_grad else None
+        if full is None and sharded:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                full = param.detach().clone()
+        out[name] = (param.detach() if full is None else full).cpu().clone()
+    for name, value in module.state_dict().items():  # buffers (never partitioned)
+        if name not in out:
+            out[name] = value.detach().cpu().clone()
+    return out
 
 
 def _outside_modules(module: nn.Module) -> dict[int, Any]:

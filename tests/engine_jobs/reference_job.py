@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleyard.platform.checkpoint import weights_sha256
 from scaleyard.platform.config import TrainingConfig, check_config, resolve
 from scaleyard.platform.distributed import env_from_os
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
@@ -63,6 +64,20 @@ class Pairs:
         self.position = state["position"]
 
 
+def gathered(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the evaluated module really computes with (ZeRO-3: gathered, one at a time)."""
+    out = {}
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):
+            from deepspeed.runtime.zero import GatheredParameters
+
+            with GatheredParameters([param]):
+                out[name] = param.detach().clone()
+        else:
+            out[name] = param.detach().clone()
+    return out
+
+
 class ReferenceJob(Job):
     name = "reference_probe"
     Config = Config
@@ -99,7 +114,8 @@ class ReferenceJob(Job):
             return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
         probe = {"rank": self.ctx.rank, "accuracy": accuracy, "parameters": self.policy_parameters,
-                 "local_policy": local(model), "local_reference": local(self.reference)}
+                 "local_policy": local(model), "local_reference": local(self.reference),
+                 "eval_weights_sha256": weights_sha256(gathered(model))}
         (self.ctx.run_dir / f"probe_rank{self.ctx.rank}.json").write_text(json.dumps(probe))
         return EvalResult(metrics={"accuracy": accuracy})
 
