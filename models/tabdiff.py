@@ -115,6 +115,9 @@ class QuantileTransform(nn.Module):
             return z.double()
         q, refs = self.quantiles, self.references.expand_as(self.quantiles).contiguous()
         u = torch.special.ndtr(z.double().T.contiguous())
+        # scores at the clip bounds (the training min and max, and anything beyond) map back to
+        # the ends exactly, not to a hair inside them
+        u = torch.where(u < 2 * self.BOUND, 0.0, torch.where(u > 1 - 2 * self.BOUND, 1.0, u))
         x = _interp(u, refs, q, right=True).T
         x = torch.minimum(torch.maximum(x, q[:, 0]), q[:, -1])  # the training range
         return torch.where(self.integer, torch.round(x), x)
@@ -263,8 +266,20 @@ class TabDiff(nn.Module):
     def n_cat(self) -> int:
         return len(self.cfg.categories)
 
-    def fit_preprocessing(self, numerical: np.ndarray | torch.Tensor) -> None:
+    def fit_preprocessing(self, numerical: np.ndarray | torch.Tensor,
+                          categorical: np.ndarray | torch.Tensor | None = None) -> None:
+        """Fit the numerical transform on the training rows and, given the training classes, start
+        each categorical head at the log class frequencies: the all-masked prediction is then the
+        marginal from step 0 instead of after the thousands of Adam steps (~lr each) that biases
+        need to reach logits of +-10."""
         self.transform.fit(numerical)
+        if categorical is None or not self.n_cat:
+            return
+        classes = torch.as_tensor(np.asarray(categorical), dtype=torch.long)
+        with torch.no_grad():
+            for j, count in enumerate(self.cfg.categories):
+                freq = torch.bincount(classes[:, j], minlength=count).double() / max(len(classes), 1)
+                self.denoiser.cat_head_bias[j, :count] = freq.clamp_min(1e-6).log().float()
 
     def denoise(self, x_num: torch.Tensor, x_cat: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor,
                 mask_weight: torch.Tensor | None = None,

@@ -106,7 +106,8 @@ def test_zero3_offload_and_bf16_train(fmnist, tmp_path, ddp_reference):
 def test_zero3_partitions_trained_and_frozen_reference_models(tmp_path):
     run_dir = tmp_path / "dpo"
     overrides = ["engine.name=deepspeed", "engine.zero_stage=3", "train.steps=40", "train.batch_size=64",
-                 "optim.lr=3e-3", "train.log_every=10", "train.ckpt_every=0", "train.ema_decay=0.9", "train.eval_every=20",
+                 "optim.lr=3e-3", "train.log_every=10", "train.ckpt_every=0", "train.ema_decay=0.9",
+                 "train.eval_every=20",
                  # DeepSpeed keeps parameters under 1e5 elements whole by default; partition all of them
                  "engine.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
