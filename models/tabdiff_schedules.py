@@ -108,9 +108,3 @@ class CategoricalSchedule(nn.Module):
         rate = self.scale * k * torch.exp((k - 1.0) * log_t)
         return rate / (self.scale * torch.exp(k * log_t) + self.eps_min)
 
-
-def reference_sigma(t: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
-    """The fixed rho = 7 EDM noise level of t: the network's time input, shared by all columns
-    (with per-column schedules there is no single sigma to condition on)."""
-    low, high = sigma_min ** (1 / RHO_FIXED), sigma_max ** (1 / RHO_FIXED)
-    return (low + t.clamp(0.0, 1.0) * (high - low)) ** RHO_FIXED
