@@ -26,12 +26,12 @@ def adult(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scored(adult):
-    """Metrics of four tables against the same train split: real held-out rows, column-wise shuffled
+    """Metrics of four tables (fidelity against the same held-out rows): real held-out rows, column-wise shuffled
     train rows, corrupted real rows, and verbatim train copies."""
     train, test, columns, target = adult["train"], adult["test"], adult["columns"], adult["target"]
     rng = np.random.default_rng(0)
     held_out, real = test.iloc[: ROWS // 2], test.iloc[ROWS // 2 :]
-    shuffled = train.apply(lambda column: column.to_numpy()[rng.permutation(len(column))])
+    shuffled = real.apply(lambda column: column.to_numpy()[rng.permutation(len(column))])
     corrupted = real.copy()
     corrupted["age"] = corrupted["age"] + 15  # a shifted number
     corrupted["hours-per-week"] = corrupted["hours-per-week"] * 2  # a stretched one
@@ -43,7 +43,8 @@ def scored(adult):
 
 def test_real_rows_score_near_ideal(scored):
     real = scored["real"]
-    assert real["column_shape"] > 0.95 and real["pair_trend"] > 0.94
+    # two samples of 1,500 real rows: binned pair statistics carry sampling noise of a few points
+    assert real["column_shape"] > 0.95 and real["pair_trend"] > 0.92
     assert real["c2st"] > 0.85 and abs(real["c2st_auc"] - 0.5) < 0.08
     assert 0.42 < real["dcr_share"] < 0.58 and real["dcr_copies"] < 0.01
     assert real["mle_auc"] > 0.85 and real["mle_auc_real"] > 0.85
@@ -51,7 +52,7 @@ def test_real_rows_score_near_ideal(scored):
 
 def test_shuffling_columns_keeps_shapes_but_breaks_trends_and_detection(scored):
     real, shuffled = scored["real"], scored["shuffled"]
-    assert shuffled["column_shape"] > 0.999  # the same multiset of values in every column
+    assert shuffled["column_shape"] == pytest.approx(real["column_shape"])  # the same values in every column
     assert shuffled["pair_trend"] < real["pair_trend"] - 0.02
     assert shuffled["pair_trend_correlation"] < real["pair_trend_correlation"] - 0.01
     assert shuffled["c2st"] < real["c2st"] - 0.5 and shuffled["c2st_auc"] > 0.75
