@@ -53,7 +53,7 @@ def measure(name: str, engine_name: str, micro_batch: int, steps: int, warmup: i
     engine.wrap(build_model(model_cfg), {}, parallelize_diffusion_transformer)
     optimizer = make_optimizer(default_param_groups(engine.module, 0.0), cfg.optim)
     model = engine.set_optimizer(optimizer)
-    batch = micro_batch if engine_name != "tp" else micro_batch  # TP ranks of one replica share a batch
+    batch = micro_batch  # per replica; the TP ranks of one replica share it
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, model_cfg.channels, model_cfg.image_size, model_cfg.image_size, generator=g).to(device)
     text = torch.randn(batch, model_cfg.text_len, model_cfg.text_dim, generator=g).to(device)

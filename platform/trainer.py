@@ -95,7 +95,7 @@ class Trainer:
         model = engine.set_optimizer(optimizer)
         scheduler = make_scheduler(optimizer, cfg.train.steps, cfg.optim)
         ema = engine.make_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        ema_sharded = getattr(ema, "sharded", False)
+        ema_sharded = ema is not None and ema.sharded
 
         checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
         checkpointer.clean_partial()
