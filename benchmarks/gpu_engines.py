@@ -82,14 +82,31 @@ def measure(name: str, engine_name: str, micro_batch: int, steps: int, warmup: i
     tokens = model_cfg.image_tokens + (model_cfg.text_len if model_cfg.arch == "uvit" else 0)
     tflops_per_gpu = flops_per_sample(model_cfg) * samples_per_s / world / 1e12
     peak = peak_tflops(device, "bf16")
+    planned = planner_estimate_gb(name, engine_name, world, batch, checkpointing)
     return {
         "preset": name, "engine": engine_name, "gpus": world, "params": count_parameters(model_cfg),
         "micro_batch": batch, "activation_checkpointing": checkpointing, "step_s": round(seconds, 4),
         "tokens_per_s": round(samples_per_s * tokens, 1), "tflops_per_gpu": round(tflops_per_gpu, 2),
         "mfu": round(tflops_per_gpu / peak, 4) if peak else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        # the planner's `allocated` for the same setting: the GPU check of platform/planner.py
+        "planner_estimate_gb": round(planned, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+
+
+def planner_estimate_gb(name: str, engine_name: str, world: int, micro_batch: int, checkpointing: bool) -> float:
+    """What the planner predicts torch.cuda.max_memory_allocated to be (GB, 2**30 bytes) for the
+    t2i model with this preset (the benchmark trains its denoiser; the small hashed text encoder is
+    within the noise)."""
+    from scaleyard.jobs.t2i.job import Config, TextToImageJob
+    from scaleyard.platform.planner import Candidate, estimate
+
+    shape = TextToImageJob.memory_shape(resolve(Config, [], [f"model.preset={name}"]))
+    engine, stage, tp = {"ddp": ("ddp", 0, 1), "zero2": ("deepspeed", 2, 1), "zero3": ("deepspeed", 3, 1),
+                         "tp": ("megatron", 0, world)}[engine_name]
+    candidate = Candidate(engine, zero_stage=stage, tp_size=tp, activation_checkpointing=checkpointing)
+    return estimate(shape, candidate, world, micro_batch, "bf16").allocated / 2**30
 
 
 def main() -> None:
