@@ -48,7 +48,7 @@ def sample(model: TabDiff, rows: int, cfg: SamplerConfig | None = None,
     for start in range(0, rows, cfg.batch_size):
         count = min(cfg.batch_size, rows - start)
         x_num, x_cat, _ = _chain(model, count, cfg, generator, torch.device(device), known=None)
-        nums.append(model.transform.inverse(x_num.cpu()))
+        nums.append(model.transform.inverse(x_num).cpu())  # the quantile tables live on the model's device
         cats.append(x_cat.cpu())
     return torch.cat(nums), torch.cat(cats)
 
@@ -70,7 +70,7 @@ def impute(model: TabDiff, numerical: torch.Tensor, categorical: torch.Tensor, k
         x_cat0 = categorical[start:stop].to(device)
         known = (x_num0, x_cat0, known_num, known_cat)
         x_num, x_cat, p = _chain(model, len(x_cat0), cfg, generator, device, known=known)
-        values = model.transform.inverse(x_num.cpu())
+        values = model.transform.inverse(x_num).cpu()
         # known numbers come back exactly as given (the transform round trip is not bit-exact)
         values = torch.where(known_num.cpu(), numerical[start:stop].double(), values)
         nums.append(values)

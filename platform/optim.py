@@ -62,8 +62,11 @@ class EMA:
             # modules a job holds outside the module tree (a frozen encoder) are shared, not copied
             outside = {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
             # fp32 even when the engine keeps bf16 weights (DeepSpeed bf16): an average with weight
-            # 1e-3 in bf16 would round most updates away
-            shadow = copy.deepcopy(module, memo=outside).float()
+            # 1e-3 in bf16 would round most updates away; float64 buffers stay float64
+            shadow = copy.deepcopy(module, memo=outside)
+            for tensor in [*shadow.parameters(), *shadow.buffers()]:
+                if tensor.dtype in (torch.bfloat16, torch.float16):
+                    tensor.data = tensor.data.float()
         self.shadow = shadow.eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:

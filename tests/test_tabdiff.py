@@ -157,6 +157,8 @@ def test_learnable_schedules_stay_finite_and_samples_respect_the_schema(tmp_path
     assert len(schedules) == (table != "categorical") + (table != "numeric")
     for name, value in schedules.items():
         assert torch.isfinite(value).all(), name
+        # every column starts from the same value: per-column differences mean the schedules learned
+        assert value.numel() > 1 and (value - value.flatten()[0]).abs().max() > 0, name
     out = tmp_path / "rows.parquet"
     done = scaleyard("sample", str(run_dir), "--rows", "400", "--out", str(out))
     assert done.returncode == 0, done.stderr
@@ -207,6 +209,22 @@ def test_imputation_keeps_known_columns_for_every_table_shape():
             assert torch.allclose(result.probabilities[:, 0].sum(-1), torch.ones(50))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks sampling with the model on CUDA")
+def test_sampling_and_imputation_with_the_model_on_a_gpu():
+    """The quantile tables live on the model's device; sampling must invert there (a CPU-only
+    suite cannot see a device mix-up, so this runs wherever a GPU is)."""
+    from scaleyard.models.tabdiff_sampling import sample
+
+    generator = torch.Generator().manual_seed(0)
+    model = TabDiff(TabDiffConfig(num_numerical=2, categories=(3, 2), dim_t=16, ffn_factor=2, quantiles=20))
+    values = torch.randn(50, 2, dtype=torch.float64, generator=generator)
+    model.fit_preprocessing(values.numpy())
+    model = model.cuda().eval()
+    numbers, classes = sample(model, 20, SamplerConfig(steps=4), torch.Generator(device="cuda").manual_seed(0),
+                              torch.device("cuda"))
+    assert numbers.shape == (20, 2) and classes.shape == (20, 2) and torch.isfinite(numbers).all()
+
+
 class NanAtCall(TabDiffJob):
     """tabdiff whose batch holds a NaN number at one micro-batch (as a corrupt row would)."""
 
@@ -233,7 +251,9 @@ def test_nan_in_the_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_two_rank_ddp_resumes_exactly(tmp_path, tables):
     adult = tables / "adult"
-    extra = ["train.steps=24", "train.ckpt_every=8", "train.ema_decay=0.9", "eval.metrics=false", "--nproc", "2"]
+    # evaluations at 8 and 16 sample rows between checkpoints: they must not shift training's randomness
+    extra = ["train.steps=24", "train.ckpt_every=8", "train.eval_every=8", "train.ema_decay=0.9", "eval.metrics=false",
+             "eval.rows=64", "--nproc", "2"]
     reference = tmp_path / "reference"
     done = scaleyard(*run_args(adult, reference, *extra))
     assert done.returncode == 0, done.stdout + done.stderr

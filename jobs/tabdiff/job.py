@@ -139,12 +139,15 @@ class TabDiffJob(Job):
         # Evaluation draws only from its own generators and restores the global ones, so a run
         # that evaluates (or not) at some step trains on with the same randomness: exact resume.
         states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         try:
             return self._evaluate(model, step)
         finally:
             random.setstate(states[0])
             np.random.set_state(states[1])
             torch.set_rng_state(states[2])
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
 
     def _evaluate(self, model: TabDiff, step: int) -> EvalResult:
         cfg, schema, device = self.cfg, self.schema, self.ctx.device

@@ -1,6 +1,7 @@
 """Synthetic-table metrics for TabDiff (issue #7, part 3), following the TabDiff / TabSyn evaluation.
 
-Definitions (real = the train split unless said otherwise):
+Definitions (real = the held-out test split for column shape, pair trend and detection, as issue #7
+asks; TabSyn's scripts compare with the train split instead):
 - column_shape: mean over columns of 1 - KS statistic (numerical) or 1 - total variation distance
   (categorical): SDMetrics KSComplement / TVComplement.
 - pair_trend: mean over column pairs of 1 - |corr_real - corr_syn| / 2 (Pearson, numerical pairs) or
@@ -357,16 +358,17 @@ def evaluate_synthetic(train: pd.DataFrame, test: pd.DataFrame, synthetic: pd.Da
     for frame, role in ((train, "train"), (test, "test"), (synthetic, "synthetic")):
         check_table(frame, columns, role)
     by_name = {c["name"]: c for c in columns}
-    if target not in by_name:
+    if target and target not in by_name:
         raise ValueError(f"target {target!r} is not a schema column; choose one of {sorted(by_name)}")
     results: dict[str, float] = {}
     # fidelity against the held-out test split: a model that memorised the train split gains nothing
     results.update(column_shape(test, synthetic, columns))
     results.update(pair_trend(test, synthetic, columns))
     results.update(detection(test, synthetic, columns, seed, detector_rows))
-    kind = "r2" if by_name[target]["kind"] == "numerical" else "auc"
-    results[f"mle_{kind}"] = _mle_score(synthetic, test, columns, by_name[target], seed)
-    results[f"mle_{kind}_real"] = _mle_score(train, test, columns, by_name[target], seed)
+    if target:  # machine-learning efficacy needs a column to predict; a table without one skips it
+        kind = "r2" if by_name[target]["kind"] == "numerical" else "auc"
+        results[f"mle_{kind}"] = _mle_score(synthetic, test, columns, by_name[target], seed)
+        results[f"mle_{kind}_real"] = _mle_score(train, test, columns, by_name[target], seed)
     results.update(dcr(train, test, synthetic, columns, seed, dcr_rows))
     results["rows_synthetic"] = float(len(synthetic))
     return results
