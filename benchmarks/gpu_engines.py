@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
+from timing import seconds_per_step  # benchmarks/timing.py (run as scripts)
 
 from scaleyard.models import flow
 from scaleyard.models.diffusion_transformer import build_model, count_parameters, flops_per_sample
@@ -66,17 +66,7 @@ def measure(name: str, engine_name: str, micro_batch: int, steps: int, warmup: i
         engine.backward(loss)
         engine.clip_and_step(1.0)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = seconds_per_step(step, device, steps, warmup)
     replicas = 1 if engine_name == "tp" else world
     samples_per_s = batch * replicas / seconds
     tokens = model_cfg.image_tokens + (model_cfg.text_len if model_cfg.arch == "uvit" else 0)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from timing import seconds_per_step  # benchmarks/timing.py (run as scripts)
 
 from scaleyard.models import flow
 from scaleyard.models.diffusion_transformer import build_model, count_parameters, flops_per_sample
@@ -41,17 +41,7 @@ def measure(name: str, device: torch.device, batch: int, steps: int, compiled: b
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up (and compilation)
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = seconds_per_step(step, device, steps, 3)
     tflops = flops_per_sample(cfg) * batch / seconds / 1e12
     peak = peak_tflops(device, "bf16")
     return {
