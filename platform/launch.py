@@ -76,6 +76,10 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     if job_cls.trains:
         check_engine(cfg, world_size, runs_here)
         check_batch(cfg, data_world_size(cfg, world_size))
+        shape = job_cls.memory_shape(cfg) if cfg.train.activation_checkpointing else None
+        if shape is not None and not shape.stacks:
+            raise ConfigError(f"config key 'train.activation_checkpointing': job {job_name}'s model has no "
+                              "transformer blocks to recompute; turn it off")
     job = job_cls()
     job.check(cfg, world_size)
     if not cfg.run.dir:

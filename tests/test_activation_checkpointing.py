@@ -51,3 +51,12 @@ def test_training_with_checkpointing_gives_identical_weights(fmnist, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         digests.append(json.loads((run_dir / "summary.json").read_text())["weights_sha256"])
     assert digests[0] == digests[1]
+
+
+def test_model_without_blocks_is_refused_before_running(classify_args, tmp_path):
+    run_dir = tmp_path / "never"
+    done = scaleyard("run", "classify", "--preset", "tiny", *classify_args, f"run.dir={run_dir}",
+                     "train.activation_checkpointing=true")
+    assert done.returncode == 2
+    assert "'train.activation_checkpointing': job classify's model has no transformer blocks" in done.stderr
+    assert not run_dir.exists()
