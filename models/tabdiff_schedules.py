@@ -105,6 +105,5 @@ class CategoricalSchedule(nn.Module):
         (1 - e_max - e_min) k t^(k-1) / move_chance(t): both parts stay finite for t in [0, 1]."""
         k = self.k()
         log_t = torch.log(t.clamp(T_FLOOR, 1.0))
-        rate = self.scale * k * torch.exp((k - 1.0) * log_t)
-        return rate / (self.scale * torch.exp(k * log_t) + self.eps_min)
+        return self.scale * k * torch.exp((k - 1.0) * log_t) / self.move_chance(t)
 

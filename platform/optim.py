@@ -50,6 +50,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Dict
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
 
 
+def copy_for_ema(module: nn.Module) -> nn.Module:
+    """A deep copy that shares the modules a job holds outside the module tree (a frozen
+    encoder): those are not averaged, so copying them would only cost memory."""
+    outside = {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
+    return copy.deepcopy(module, memo=outside)
+
+
 class EMA:
     """Exponential moving average of a module's parameters and buffers (kept in fp32)."""
 
@@ -59,11 +66,9 @@ class EMA:
         """`shadow`: a prepared copy (engines whose layers cannot be deep-copied make their own)."""
         self.decay = decay
         if shadow is None:
-            # modules a job holds outside the module tree (a frozen encoder) are shared, not copied
-            outside = {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
             # fp32 even when the engine keeps bf16 weights (DeepSpeed bf16): an average with weight
             # 1e-3 in bf16 would round most updates away; float64 buffers stay float64
-            shadow = copy.deepcopy(module, memo=outside)
+            shadow = copy_for_ema(module)
             for tensor in [*shadow.parameters(), *shadow.buffers()]:
                 if tensor.dtype in (torch.bfloat16, torch.float16):
                     tensor.data = tensor.data.float()

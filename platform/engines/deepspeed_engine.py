@@ -15,7 +15,6 @@ Checkpoints use DeepSpeed's sharded format inside the platform's checkpoint fold
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import logging
 import os
@@ -31,7 +30,7 @@ from scaleyard.platform.config import ConfigError, batch_per_rank
 from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
 from scaleyard.platform.engines.base import DDPEngine
-from scaleyard.platform.optim import EMA
+from scaleyard.platform.optim import EMA, copy_for_ema
 
 log = logging.getLogger("scaleyard")
 TAG = "deepspeed"  # sub-folder of a platform checkpoint that holds DeepSpeed's files
@@ -183,7 +182,7 @@ class DeepSpeedEngine(DDPEngine):
         if self.sharded_params and self.cfg.train.ema_decay > 0:
             # copied before partitioning, so the shadow is partitioned exactly like the model, and
             # before the model moves, so two whole copies never sit on the GPU
-            self._ema_copy = copy.deepcopy(model, memo=_outside_modules(model)).requires_grad_(False)
+            self._ema_copy = copy_for_ema(model).requires_grad_(False)
         self.module = model.to(self.device)
         if self.cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.module)
@@ -273,7 +272,3 @@ def full_state(module: nn.Module, sharded: bool, low_precision: bool = False) ->
             out[name] = value.detach().cpu().clone()
     return out
 
-
-def _outside_modules(module: nn.Module) -> dict[int, Any]:
-    """deepcopy memo that shares modules a job keeps outside the module tree (see EMA)."""
-    return {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}

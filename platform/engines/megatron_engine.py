@@ -13,7 +13,6 @@ which `model_state` and `scaleyard export` rebuild the single-device weights.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from scaleyard.platform.config import ConfigError
 from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
 from scaleyard.platform.engines.base import DDPEngine
-from scaleyard.platform.optim import EMA
+from scaleyard.platform.optim import EMA, copy_for_ema
 
 FOLDER = "megatron"
 Parallelize = Callable[[nn.Module, int], dict[str, Any]]
@@ -80,7 +79,7 @@ class MegatronEngine(DDPEngine):
                               "(JobParts.parallelize); use ddp or deepspeed")
         model = model.to(self.device)
         if self.cfg.train.ema_decay > 0:  # parallelized like the model (megatron layers cannot be deep-copied)
-            self._ema_copy = copy.deepcopy(model, memo=_outside(model))
+            self._ema_copy = copy_for_ema(model)
             parallelize(self._ema_copy, self.tp_size)
         self.layout = parallelize(model, self.tp_size)
         if self.cfg.train.activation_checkpointing:
@@ -192,8 +191,6 @@ def merge_ema_files(folder: Path, model_files: list[Path]) -> dict[str, torch.Te
             for name, tensor in slices[0].items()}
 
 
-def _outside(module: nn.Module) -> dict[int, Any]:
-    return {id(v): v for v in vars(module).values() if isinstance(v, nn.Module)}
 
 
 __all__ = ["MegatronEngine", "check_megatron", "gather_full_state", "merge_ema_files", "merge_shard_files"]
