@@ -60,15 +60,15 @@ class JobParts:
         the platform can save and restore its position.
     param_groups: optional function of the model returning AdamW parameter groups (dicts with
         "params" and any per-group options); default: weight decay on matrices only.
-    parallelize: optional tensor-parallel plan, `(model, tp_size) -> sharding layout`, applied in
-        place by engine.name=megatron (e.g. models/diffusion_transformer_parallel.py).
+    blocks: the model's repeated blocks (what activation checkpointing wraps), as a function of
+        the model returning its block modules; None = the name rule (`*blocks` lists, `*_block`).
     """
 
     model: nn.Module | None = None
     frozen: dict[str, nn.Module] = field(default_factory=dict)
     train_data: Iterable[Any] | None = None
     param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None
-    parallelize: Callable[[nn.Module, int], dict[str, Any]] | None = None
+    blocks: Callable[[nn.Module], list[nn.Module]] | None = None
 
 
 @dataclass
@@ -128,6 +128,13 @@ class Job:
     def flops_per_sample(cfg: DictConfig) -> float:
         """Model FLOPs of one training sample, forward + backward (0 if unknown)."""
         return 0.0
+
+    @staticmethod
+    def tp_plan(cfg: DictConfig) -> Any:
+        """The model's tensor-parallel plan (declared beside the model, applied by
+        engine.name=megatron); None: this job has none, so megatron is refused before anything
+        is written."""
+        return None
 
     @staticmethod
     def model_size(cfg: DictConfig) -> int | None:

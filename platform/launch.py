@@ -74,7 +74,7 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
             overrides = [*overrides, *(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
                                        for key, value in planned.items())]
     if job_cls.trains:
-        check_engine(cfg, world_size, runs_here)
+        check_engine(cfg, world_size, runs_here, job_cls)
         check_batch(cfg, data_world_size(cfg, world_size))
         shape = job_cls.memory_shape(cfg) if cfg.train.activation_checkpointing else None
         if shape is not None and not shape.stacks:

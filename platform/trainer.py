@@ -88,7 +88,7 @@ class Trainer:
         parts = job.build(cfg, ctx)
         if parts.model is None or parts.train_data is None:
             raise ValueError(f"job {job.name}: build() must return a model and train_data to train")
-        engine.wrap(parts.model, parts.frozen, parts.parallelize)
+        engine.wrap(parts.model, parts.frozen, tp_plan=job.tp_plan(cfg), blocks=parts.blocks)
         groups = (parts.param_groups(engine.module) if parts.param_groups
                   else default_param_groups(engine.module, cfg.optim.weight_decay))
         optimizer = make_optimizer(groups, cfg.optim)

@@ -190,8 +190,9 @@ def data_world_size(cfg: DictConfig, world_size: int) -> int:
     return world_size // cfg.engine.tp_size if cfg.engine.name == "megatron" else world_size
 
 
-def check_engine(cfg: DictConfig, world_size: int, runs_here: bool = True) -> None:
-    """Engine settings that cannot run, reported with their key before anything starts or queues."""
+def check_engine(cfg: DictConfig, world_size: int, runs_here: bool = True, job_cls: Any = None) -> None:
+    """Engine settings that cannot run, reported with their key before anything starts or queues.
+    `job_cls` (the Job class) lets engines check what the job declares (e.g. a tensor-parallel plan)."""
     name = cfg.engine.name
     if cfg.train.precision == "fp16" and name != "deepspeed":
         raise ConfigError("config key 'train.precision': fp16 needs loss scaling, which engine.name=deepspeed "
