@@ -95,16 +95,50 @@ def test_samplers_recover_a_point_mass_with_the_exact_denoiser(process, sampler)
     assert torch.allclose(out, target, atol=tolerance)
 
 
-def test_guidance_scale_one_is_the_conditional_model():
-    calls = []
+def conditioned_stub(calls):
+    """A denoiser whose output tells the conditional and unconditional halves apart: per sample
+    x + t + 10 * text (so a wrong pairing of x, t or text with its half shows as well)."""
 
     def model(x, t, text, mask):
         calls.append(len(x))
-        return text.mean() * torch.ones_like(x)
+        return x + t.view(-1, 1, 1, 1) + 10 * text.flatten(1).mean(1).view(-1, 1, 1, 1)
 
-    x, t = torch.zeros(2, 1, 2, 2), torch.ones(2)
-    text, null = torch.ones(2, 1, 1), torch.zeros(2, 1, 1)
+    return model
+
+
+def test_guidance_extrapolates_from_unconditional_towards_conditional():
+    calls = []
+    model = conditioned_stub(calls)
+    x = torch.arange(8.0).view(2, 1, 2, 2)
+    t = torch.tensor([0.25, 0.5])
+    text, null = torch.full((2, 1, 1), 0.3), torch.full((2, 1, 1), -0.1)
     mask = torch.ones(2, 1, dtype=torch.bool)
-    assert torch.equal(flow.guided(model, x, t, text, mask, null, mask, 1.0), torch.ones_like(x))
-    guided = flow.guided(model, x, t, text, mask, null, mask, 3.0)
-    assert calls == [2, 4] and torch.allclose(guided, torch.full_like(x, 0.5 + 3.0 * (0.5 - 0.5)))
+    conditional, unconditional = model(x, t, text, mask), model(x, t, null, mask)
+    calls.clear()
+    assert not torch.allclose(conditional, unconditional)
+    assert torch.equal(flow.guided(model, x, t, text, mask, null, mask, 1.0), conditional)
+    assert calls == [2]  # scale 1 is the conditional model alone: no unconditional half
+    for scale in (0.0, 3.0, 7.5):
+        calls.clear()
+        expected = unconditional + scale * (conditional - unconditional)
+        assert torch.allclose(flow.guided(model, x, t, text, mask, null, mask, scale), expected), scale
+        assert calls == [4]  # one batched call for both halves
+
+
+def test_sampling_with_guidance_follows_the_guided_point_mass():
+    """Exact flow denoisers of two point masses, A given the caption and B without: guided
+    velocities are the exact velocity of B + s (A - B), so the sampler must land there."""
+    a, b, scale = 0.7, -0.2, 2.5
+
+    def exact(x, t, text, mask):
+        target = torch.where(text.flatten(1).mean(1) > 0, a, b).view(-1, 1, 1, 1)
+        return (x - target) / t.view(-1, 1, 1, 1).clamp(min=1e-8)  # v = eps - x0 on x_t = (1-t) x0 + t eps
+
+    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    text, null = torch.ones(4, 1, 1), torch.zeros(4, 1, 1)
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    for sampler in flow.SAMPLERS:
+        out = flow.sample(exact, noise, text, mask, null, mask, steps=10, sampler=sampler, guidance=scale)
+        assert torch.allclose(out, torch.full_like(out, b + scale * (a - b)), atol=1e-4), sampler
+    unguided = flow.sample(exact, noise, text, mask, null, mask, steps=10)
+    assert torch.allclose(unguided, torch.full_like(unguided, a), atol=1e-4)
