@@ -9,9 +9,12 @@ repository registers the same way.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
+import importlib.util
 import pkgutil
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,21 +172,97 @@ class UnknownJobError(KeyError):
         return str(self.args[0])
 
 
+ENTRY_POINT_GROUP = "scaleyard.jobs"
+
+
+class DuplicateJobError(ValueError):
+    """Two sources register the same job name; nothing may run until one is renamed or removed."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    job: type[Job]
+    source: str  # where it came from, for messages: a module path or an entry point and its distribution
+
+
 def registry() -> dict[str, type[Job]]:
     """All jobs: `scaleyard.jobs.<name>.job.JOB` plus entry points in group `scaleyard.jobs`."""
-    jobs: dict[str, type[Job]] = {}
+    return {name: found.job for name, found in registered().items()}
+
+
+def registered(refresh: bool = False) -> dict[str, Registered]:
+    """Every job with where it came from. Scanned once per process (`get_job` is called from many
+    places, and each scan reads every installed distribution's metadata); `refresh` rescans."""
+    if refresh:
+        _scan.cache_clear()
+    return dict(_scan())
+
+
+@functools.cache
+def _scan() -> dict[str, Registered]:
+    # A broken plugin must not take every command down with it (not even `scaleyard config` of a
+    # built-in job): it is skipped with a warning that names it. Two jobs claiming one name is an
+    # error, since silently picking one would run the wrong code.
+    found: dict[str, Registered] = {}
+
+    def add(job: Any, source: str) -> None:
+        if not (isinstance(job, type) and issubclass(job, Job)):
+            _warn(f"skipped {source}: it gives {job!r}, not a subclass of scaleyard.platform.job.Job")
+            return
+        name = getattr(job, "name", None)
+        if not isinstance(name, str) or not name:
+            _warn(f"skipped {source}: {job.__qualname__} has no `name` (a class attribute, e.g. name = \"myjob\")")
+            return
+        if name in found and found[name].job is not job:
+            raise DuplicateJobError(
+                f"job name {name!r} is registered twice: by {found[name].source} and by {source}; "
+                f"rename one (its class attribute `name`) or uninstall the package you do not want"
+            )
+        found[name] = Registered(job, source)
+
     package = importlib.import_module("scaleyard.jobs")
     for info in pkgutil.iter_modules(package.__path__):
-        if not info.ispkg:
+        module_name = f"scaleyard.jobs.{info.name}.job"
+        if not info.ispkg or importlib.util.find_spec(module_name) is None:
             continue
-        module = importlib.import_module(f"scaleyard.jobs.{info.name}.job")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as err:  # any import failure: skip this job, keep the others
+            _warn(f"skipped built-in job module {module_name}: {type(err).__name__}: {err}")
+            continue
         job = getattr(module, "JOB", None)
         if job is not None:
-            jobs[job.name] = job
-    for entry in importlib.metadata.entry_points(group="scaleyard.jobs"):
-        job = entry.load()
-        jobs[job.name] = job
-    return jobs
+            add(job, f"module {module_name}")
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        source = _entry_point_source(entry)
+        try:
+            job = entry.load()
+        except Exception as err:  # a plugin may fail in any way while importing
+            _warn(f"skipped {source}: {type(err).__name__}: {err}; fix that package or uninstall it")
+            continue
+        add(job, source)
+    return found
+
+
+def _entry_point_source(entry: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(entry, "dist", None)
+    owner = f" of distribution {dist.name} {dist.version}" if dist is not None else ""
+    return f"job entry point '{entry.name} = {entry.value}'{owner} (group {ENTRY_POINT_GROUP})"
+
+
+def _warn(message: str) -> None:
+    # stderr, not logging: the CLI logs to stdout, and a skipped plugin must stay visible there
+    print(f"scaleyard: warning: {message}", file=sys.stderr, flush=True)
+
+
+def job_summary(job: type[Job]) -> str:
+    """First line of the job module's docstring (else the class's), '-' when it has none."""
+    module = sys.modules.get(job.__module__)
+    for doc in (getattr(module, "__doc__", None), job.__doc__):
+        lines = (doc or "").strip().splitlines()
+        if lines:
+            return lines[0].strip()
+    return "-"
 
 
 def get_job(name: str) -> type[Job]:
