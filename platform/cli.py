@@ -19,11 +19,11 @@ def _setup_logging() -> None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from scaleyard.platform.job import registry
+    from scaleyard.platform.job import job_summary, registered
 
-    for name, job in sorted(registry().items()):
-        doc = (sys.modules[job.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:16s} presets: {', '.join(job.presets()) or '-':24s} {doc}")
+    for name, found in sorted(registered().items()):
+        origin = "" if found.source.startswith("module scaleyard.jobs.") else f"  [{found.source}]"
+        print(f"{name:16s} presets: {', '.join(found.job.presets()) or '-':24s} {job_summary(found.job)}{origin}")
     return 0
 
 
