@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -12,10 +13,16 @@ from pathlib import Path
 from scaleyard.platform.config import ConfigError, to_yaml
 
 
-def _setup_logging() -> None:
+def _setup_logging(stream=None) -> None:
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+    logging.basicConfig(level=logging.INFO, stream=stream or sys.stdout,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _machine_readable(args: argparse.Namespace) -> bool:
+    """Commands whose stdout is data (YAML, JSON): everything else they or the libraries they
+    load print (DeepSpeed's accelerator warning, log lines) goes to stderr."""
+    return args.command == "config" or bool(getattr(args, "json", False))
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -31,20 +38,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     from scaleyard.platform.launch import prepare
 
     prepared = prepare(args.job, args.overrides, args.preset, args.nproc)
-    print(to_yaml(prepared.cfg), end="")
+    print(to_yaml(prepared.cfg), end="", file=args.result)
     return 0
 
 
 def _claim_run_dir(prepared) -> str:
-    """'new' / 'resume' (config.yaml written) or 'finished' (said so); refuses a folder that holds
-    a different run."""
-    from scaleyard.platform.launch import check_run_dir, read_summary, write_config
+    """'new' / 'resume' / 'continue' (config.yaml written) or 'finished' (said so); refuses a
+    folder that holds a different run."""
+    from scaleyard.platform.launch import check_run_dir, continuation_notice, read_summary, write_config
 
     state = check_run_dir(prepared)
     if state == "finished":
         print(f"{prepared.run_dir} already finished: {json.dumps(read_summary(prepared.run_dir))}")
-    else:
-        write_config(prepared)
+        return state
+    if state == "continue":
+        print(continuation_notice(prepared), file=sys.stderr)
+    write_config(prepared)
     return state
 
 
@@ -66,7 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     state = _claim_run_dir(prepared)
     if state == "finished":
         return 0
-    print(f"run folder: {prepared.run_dir} ({'resuming' if state == 'resume' else 'new run'})", flush=True)
+    said = {"new": "new run", "resume": "resuming", "continue": "continuing to more steps"}[state]
+    print(f"run folder: {prepared.run_dir} ({said})", flush=True)
     if args.nproc > 1:
         return run_local(prepared, args.nproc)
     try:
@@ -182,7 +192,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     job_cls, cfg = load_config(args.job, args.overrides, args.preset)
     plan = recommend(job_cls, cfg, args.gpus, args.gpu_memory, gpu=args.gpu, gpus_per_node=args.gpus_per_node)
-    print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(plan))
+    print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(plan), file=args.result)
     return 0
 
 
@@ -253,8 +263,8 @@ def _run_job_name(run: Path) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from scaleyard.platform.checkpoint import Checkpointer
     from scaleyard.platform.job import SampleRequest, get_job
+    from scaleyard.platform.weights import load_run_weights
 
     run = Path(args.run)
     config_file = run / "config.yaml"
@@ -262,23 +272,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{config_file} does not exist: RUN must be a run folder written by `scaleyard run`")
     job_cls = get_job(args.job or _run_job_name(run))
     cfg = OmegaConf.merge(OmegaConf.structured(job_cls.Config), OmegaConf.load(config_file))
-    checkpoints = Checkpointer(run / "checkpoints", keep=1)
-    latest = checkpoints.latest()
-    if latest is None:
+    if not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("step_*/meta.json")):
         raise FileNotFoundError(f"{run}/checkpoints holds no complete checkpoint; train the run first "
                                 f"(`scaleyard run {job_cls.name} run.dir={run}`)")
-    state = checkpoints.load(latest)[0]
-    weights = state.get("ema") or state["model"]  # EMA weights when the run kept them
+    loaded = load_run_weights(run)  # any engine's checkpoint; EMA weights when the run kept them
     impute = tuple(c.strip() for c in args.impute.split(",") if c.strip()) if args.impute else ()
     request = SampleRequest(out=Path(args.out), rows=args.rows or 0, seed=args.seed, impute=impute,
                             known=args.known or "")
     try:
-        summary = job_cls().write_samples(cfg, weights, state.get("job", {}), request)
+        summary = job_cls().write_samples(cfg, loaded.weights, loaded.job_state, request)
     except NotImplementedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"run": str(run), "step": latest.step, "ema": bool(state.get("ema")), "out": args.out,
-                      **summary}))
+    print(json.dumps({"run": str(run), "step": loaded.step, "ema": loaded.ema, "out": args.out, **summary}))
     return 0
 
 
@@ -383,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _setup_logging()
     parser = build_parser()
     # Overrides may come before or after options (`run classify --nproc 2 optim.lr=1e-3`);
     # argparse's intermixed mode does not work with subcommands, so collect the leftovers here.
@@ -393,6 +398,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.result = sys.stdout  # where a command's result goes (commands print data there)
+    if _machine_readable(args):
+        _setup_logging(sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):
+            return _dispatch(args)
+    _setup_logging()
+    return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except ConfigError as err:

@@ -21,6 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: engine.name=deepspeed only (loss 
 ENGINES = ("auto", "single", "ddp", "deepspeed", "megatron")
 BACKENDS = ("auto", "gloo", "nccl")
 SCHEDULES = ("cosine", "linear", "constant")
+AUTO_LANES = 16  # data.lanes=0 (auto): a multiple of this and of the data-parallel world size
 
 
 class ConfigError(ValueError):
@@ -88,7 +89,9 @@ class EngineConfig:
 class DataConfig:
     path: str = ""  # a split folder holding index.json, e.g. data/fashion_mnist/train
     eval_path: str = ""
-    lanes: int = bounded(16, 1)
+    # reader lanes; 0 = auto, fixed at the first start (a multiple of 16 and of the data-parallel world
+    # size) and recorded in config.yaml. A run resumes on any world size that divides it.
+    lanes: int = bounded(0, 0)
     shuffle_block: int = bounded(256, 1)
     num_workers: int = bounded(0, 0)
     shard_base: str = ""  # "{name}" template for shards on other storage; "" = beside the index
@@ -185,9 +188,13 @@ def check_batch(cfg: DictConfig, world_size: int) -> None:
             f"config key 'train.batch_size': {cfg.train.batch_size} must be divisible by "
             f"world size x train.grad_accum = {world_size} x {cfg.train.grad_accum} = {per_step}"
         )
-    if cfg.data.lanes % world_size:
+    lanes = cfg.data.lanes
+    if lanes and lanes % world_size:
+        usable = ", ".join(str(d) for d in range(1, lanes + 1) if lanes % d == 0)
         raise ConfigError(
-            f"config key 'data.lanes': {cfg.data.lanes} must be a multiple of the world size {world_size}"
+            f"config key 'data.lanes': {lanes} must be a multiple of the data-parallel world size {world_size}; "
+            f"with data.lanes={lanes} this run can use world sizes {usable} (a new run may set data.lanes=0, "
+            "auto, or any multiple of its world size)"
         )
 
 

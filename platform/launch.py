@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from scaleyard.platform.checkpoint import Checkpointer
 from scaleyard.platform.config import (
+    AUTO_LANES,
     ConfigError,
     check_batch,
     check_config,
@@ -75,7 +78,12 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
                                        for key, value in planned.items())]
     if job_cls.trains:
         check_engine(cfg, world_size, runs_here, job_cls)
-        check_batch(cfg, data_world_size(cfg, world_size))
+        data_world = data_world_size(cfg, world_size)
+        if cfg.data.lanes == 0:
+            lanes = choose_lanes(cfg, data_world)
+            cfg.data.lanes = lanes
+            overrides = [*overrides, f"data.lanes={lanes}"]
+        check_batch(cfg, data_world)
         shape = job_cls.memory_shape(cfg) if cfg.train.activation_checkpointing else None
         if shape is not None and not shape.stacks:
             raise ConfigError(f"config key 'train.activation_checkpointing': job {job_name}'s model has no "
@@ -87,24 +95,69 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     return Prepared(job, cfg, preset, list(overrides))
 
 
+def choose_lanes(cfg: DictConfig, data_world: int) -> int:
+    """`data.lanes=0` (auto): the lanes a resumed run already uses (its config.yaml), else the
+    smallest multiple of the data-parallel world size that is also a multiple of 16, so the run
+    can later resume on any world size dividing it (1, 2, 4, 8, 16 at least)."""
+    saved = Path(cfg.run.dir) / "config.yaml" if cfg.run.dir else None
+    if saved is not None and saved.exists():
+        recorded = OmegaConf.load(saved).get("data", {}).get("lanes", 0)
+        if recorded:
+            return int(recorded)
+    return math.lcm(AUTO_LANES, data_world)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return Checkpointer(run_dir / "checkpoints", keep=1).latest() is not None
+
+
 def check_run_dir(prepared: Prepared) -> str:
-    """'new', 'resume' or 'finished'; refuses to reuse a folder that holds a different run."""
+    """What a launch into `run.dir` will do: 'new', 'resume', 'continue' (a finished run trained
+    on to a larger train.steps) or 'finished'. Refuses a folder that holds a different run; a folder
+    without a checkpoint is not a run yet (a start that failed), so its config may be fixed."""
     run_dir = prepared.run_dir
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return "new"
     changed = [k for k in differing_keys(OmegaConf.load(saved), prepared.cfg) if k not in RESUMABLE_CHANGES]
     if changed:
+        if not has_checkpoint(run_dir):
+            log.info("%s has no checkpoint yet (an earlier start failed): starting it anew with the changed "
+                     "keys %s", run_dir, ", ".join(changed))
+            return "new"
         raise ConfigError(
             f"{run_dir} holds a run with a different config (keys {', '.join(changed)}); "
             f"choose another run.dir, or resume with the same settings"
         )
-    return "finished" if (run_dir / "summary.json").exists() else "resume"
+    summary = read_summary(run_dir) if (run_dir / "summary.json").exists() else None
+    if summary is None:
+        return "resume" if has_checkpoint(run_dir) else "new"
+    if prepared.job.trains and int(summary.get("step", 0)) < prepared.cfg.train.steps:
+        return "continue"
+    return "finished"
+
+
+def continuation_notice(prepared: Prepared) -> str:
+    """What continuing a finished run to more steps means for its learning rate."""
+    done, steps, optim = read_summary(prepared.run_dir)["step"], prepared.cfg.train.steps, prepared.cfg.optim
+    if optim.schedule == "constant" and optim.warmup_steps <= done:
+        return (f"continuing {prepared.run_dir} from step {done} to {steps}: optim.schedule=constant, so this is "
+                f"the same run as one trained for {steps} steps from the start")
+    return (f"continuing {prepared.run_dir} from step {done} to {steps}: optim.schedule={optim.schedule} decays over "
+            f"train.steps, so steps 1-{done} followed the {done}-step schedule and the rest follows the {steps}-step "
+            f"one from step {done} on (the learning rate jumps there). This is NOT the run you would get training "
+            f"{steps} steps from the start; for scaling studies use optim.schedule=constant (or a fresh run.dir)")
 
 
 def write_config(prepared: Prepared) -> None:
-    prepared.run_dir.mkdir(parents=True, exist_ok=True)
-    target = prepared.run_dir / "config.yaml"
+    """config.yaml of the run; the summary of a finished run that is being continued is kept
+    beside it as summary.step_<N>.json."""
+    run_dir = prepared.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = run_dir / "summary.json"
+    if summary.exists() and check_run_dir(prepared) == "continue":
+        summary.rename(run_dir / f"summary.step_{read_summary(run_dir)['step']:08d}.json")
+    target = run_dir / "config.yaml"
     tmp = target.with_suffix(".yaml.tmp")
     tmp.write_text(to_yaml(prepared.cfg))
     tmp.rename(target)

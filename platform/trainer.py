@@ -1,13 +1,23 @@
-"""The one training loop every job runs through (DESIGN.md, "The Trainer and engines")."""
+"""The one training loop every job runs through (DESIGN.md, "The Trainer and engines").
+
+`Trainer.run` reads as its steps: start (seeds, device, process group, engine), build (the job's
+parts, wrapped and given an optimizer), restore (the newest checkpoint, or fresh per-replica seeds),
+then the loop (one optimizer step, metrics, checkpoint or stop, evaluation), then finish (final
+checkpoint, final evaluation, summary.json).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import random
+import shutil
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +26,16 @@ import torch
 from omegaconf import DictConfig
 
 from scaleyard.platform.checkpoint import Checkpointer, capture_rng, restore_rng, weights_sha256
-from scaleyard.platform.config import to_yaml
+from scaleyard.platform.config import AUTO_LANES, batch_per_rank, to_yaml
 from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device, preflight
 from scaleyard.platform.engines import make_engine
-from scaleyard.platform.job import Context, EvalResult, Job
+from scaleyard.platform.job import Context, EvalResult, Job, JobParts
 from scaleyard.platform.metrics import MetricsWriter, Progress, memory_gb, peak_tflops
 from scaleyard.platform.optim import default_param_groups, make_optimizer, make_scheduler
 
 log = logging.getLogger("scaleyard")
 # SLURM's --signal (USR1 by convention, USR2 from submitit) and the TERM sent at the time limit
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-
-
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 loss scaling skips steps while it searches for a scale; this many in a row means the
 # gradients are really non-finite
@@ -46,10 +54,25 @@ class Preempted(Exception):
         self.signum = signum
 
 
+class BuildError(TypeError):
+    """`Job.build` returned parts the Trainer cannot train; the message names the fix."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Every RNG (python, numpy, torch, CUDA) as it was before the block: evaluation may sample
+    freely without changing what training draws next."""
+    saved = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(saved)
 
 
 class _StopFlag:
@@ -65,242 +88,324 @@ class _StopFlag:
         self.signal = signum
 
 
+@dataclass
+class _StepOutcome:
+    loss: torch.Tensor
+    metrics: dict[str, float]
+    grad_norm: torch.Tensor
+    stop_requested: bool
+    checkpoint_due: bool
+
+
+@dataclass
+class _Window:
+    """Throughput and data-wait accounting between two metric logs."""
+
+    start: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    data_wait: float = 0.0
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+
+def train_stream(parts: JobParts, cfg: DictConfig, ctx: Context, job_name: str) -> Any:
+    """The job's training data as a resumable stream, checked before step 1: a stream with
+    `state_dict()/load_state_dict()` as is, a map-style dataset wrapped in a DatasetStream."""
+    from scaleyard.data_loaders.dataset_stream import DatasetStream, is_map_style
+
+    data = parts.train_data
+    if data is None:
+        raise BuildError(f"job {job_name}: build() returned no train_data; return a map-style Dataset or a "
+                         "ShardStream in JobParts(train_data=...)")
+    if is_map_style(data):
+        return DatasetStream(data, batch_per_rank=batch_per_rank(cfg, ctx.data_world_size), rank=ctx.data_rank,
+                             world_size=ctx.data_world_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+    resumable = all(callable(getattr(data, name, None)) for name in ("state_dict", "load_state_dict", "__iter__"))
+    if not resumable:
+        raise BuildError(
+            f"job {job_name}: build() returned train_data of type {type(data).__name__}, which cannot be resumed "
+            "(it needs state_dict()/load_state_dict() to save its position in checkpoints). Return a map-style "
+            "dataset (sized and indexable, e.g. a torch.utils.data.Dataset: the platform makes it resumable) or a "
+            "ShardStream over WebDataset shards (scaleyard.data_loaders.pipeline)"
+        )
+    return data
+
+
 class Trainer:
     def __init__(self, job: Job, cfg: DictConfig, env: DistEnv, handle_signals: bool = True):
         self.job, self.cfg, self.env = job, cfg, env
+        self.run_dir = Path(cfg.run.dir)
+        self.main = env.rank == 0
         self.stop = _StopFlag()
         if handle_signals:
             self.stop.install()
+        self.step = 0
+        self.loss_value = float("nan")
 
     def run(self) -> dict[str, Any]:
-        cfg, env, job = self.cfg, self.env, self.job
-        run_dir = Path(cfg.run.dir)
+        self._start()
+        self._build()
+        self._restore()
+        self._open_metrics()
+        if self.step >= self.cfg.train.steps:
+            log.info("checkpoint is at step %d >= train.steps: nothing left to train", self.step)
+        while self.step < self.cfg.train.steps:
+            outcome = self._train_step()
+            self.step += 1
+            self.window.samples += self.cfg.train.batch_size
+            self._log_metrics(outcome)
+            finished = self.step == self.cfg.train.steps
+            if not finished and (outcome.stop_requested or outcome.checkpoint_due):
+                self._save()
+            if outcome.stop_requested and not finished:  # a signal at the last step: finish normally
+                self.writer.close()
+                raise Preempted(f"stopped by signal after step {self.step}; resume with the same command",
+                                self.stop.signal)
+            if not finished and self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0:
+                self._evaluate()
+        return self._finish()
+
+    # --- start-up -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        cfg, env = self.cfg, self.env
         seed_everything(cfg.run.seed)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        device = pick_device(env)
+        self.device = pick_device(env)
         init_process_group(env, cfg.engine.backend)
-        preflight(env, device)
-        engine = make_engine(cfg, env, device)
-        ctx = Context(env.rank, env.world_size, env.local_rank, device, run_dir,
-                      torch.Generator().manual_seed(cfg.run.seed), engine.data_rank, engine.data_world_size)
+        preflight(env, self.device)
+        self.engine = make_engine(cfg, env, self.device)
+        if cfg.data.lanes == 0:  # auto, when not already fixed by the launcher (see launch.choose_lanes)
+            cfg.data.lanes = math.lcm(AUTO_LANES, self.engine.data_world_size)
+        self.ctx = Context(env.rank, env.world_size, env.local_rank, self.device, self.run_dir,
+                           torch.Generator().manual_seed(cfg.run.seed), self.engine.data_rank,
+                           self.engine.data_world_size)
 
-        parts = job.build(cfg, ctx)
-        if parts.model is None or parts.train_data is None:
-            raise ValueError(f"job {job.name}: build() must return a model and train_data to train")
-        engine.wrap(parts.model, parts.frozen, tp_plan=job.tp_plan(cfg), blocks=parts.blocks)
-        groups = (parts.param_groups(engine.module) if parts.param_groups
+    def _build(self) -> None:
+        cfg, job, engine = self.cfg, self.job, self.engine
+        self.parts = job.build(cfg, self.ctx)
+        if not isinstance(self.parts, JobParts):
+            raise BuildError(f"job {job.name}: build() must return JobParts, got {type(self.parts).__name__}")
+        if self.parts.model is None:
+            raise BuildError(f"job {job.name}: build() returned no model; put the trainable module(s) in "
+                             "JobParts(model=...)")
+        self.train_data = train_stream(self.parts, cfg, self.ctx, job.name)
+        engine.wrap(self.parts.model, self.parts.frozen, tp_plan=job.tp_plan(cfg), blocks=self.parts.blocks)
+        groups = (self.parts.param_groups(engine.module) if self.parts.param_groups
                   else default_param_groups(engine.module, cfg.optim.weight_decay))
-        optimizer = make_optimizer(groups, cfg.optim)
-        model = engine.set_optimizer(optimizer)
-        scheduler = make_scheduler(optimizer, cfg.train.steps, cfg.optim)
-        ema = engine.make_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        ema_sharded = ema is not None and ema.sharded
+        self.optimizer = make_optimizer(groups, cfg.optim)
+        self.model = engine.set_optimizer(self.optimizer)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
+        self.ema = engine.make_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.ema_sharded = self.ema is not None and self.ema.sharded
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.env.rank)
+        self.autocast = (torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[cfg.train.precision])
+                         if cfg.train.precision in AUTOCAST_DTYPES else contextlib.nullcontext())
 
-        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints, env.rank)
-        checkpointer.clean_partial()
+    def _restore(self) -> None:
+        engine = self.engine
+        self.checkpointer.clean_partial()
         engine.barrier()
-        step = 0
-        latest = checkpointer.latest()
-        if latest is not None:
-            state, rng, local = checkpointer.load(latest)
-            if engine.replicated:
-                engine.load_model_state(state["model"])
-                engine.load_optimizer_state(state["optimizer"])
-            else:
-                _check_same_world(latest.path, env.world_size, engine.name)
-                engine.load_state(latest.path)
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(local["ema"] if ema_sharded else state["ema"])
-            job.load_state_dict(state["job"])
-            parts.train_data.load_state_dict(state["data"])
-            step = int(state["step"])
-            loss_at_checkpoint = float(state.get("loss", float("nan")))
-            if rng is not None:
-                restore_rng(rng)
-            log.info("resumed from %s (step %d)", latest.path, step)
-        else:
-            loss_at_checkpoint = float("nan")
+        latest = self.checkpointer.latest()
+        if latest is None:
             # replicas differ in dropout & co.; tensor-parallel ranks of one replica must draw alike
-            seed_everything(cfg.run.seed * 1000 + engine.data_rank)
+            seed_everything(self.cfg.run.seed * 1000 + engine.data_rank)
+            return
+        state, rng, local = self.checkpointer.load(latest)
+        if engine.replicated:
+            engine.load_model_state(state["model"])
+            engine.load_optimizer_state(state["optimizer"])
+        else:
+            _check_same_world(latest.path, self.env.world_size, engine.name)
+            engine.load_state(latest.path)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(local["ema"] if self.ema_sharded else state["ema"])
+        self.job.load_state_dict(state["job"])
+        self.train_data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.loss_value = float(state.get("loss", float("nan")))
+        if rng is not None:
+            restore_rng(rng)
+        log.info("resumed from %s (step %d)", latest.path, self.step)
 
-        main = env.rank == 0
-        writer = MetricsWriter(run_dir / "tb" if main else None, purge_step=step + 1 if step else None)
-        if main and step == 0:
-            writer.text("config", "```yaml\n" + to_yaml(cfg) + "```")
-        progress = Progress(cfg.train.steps, step, enabled=main)
-        autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.train.precision])
-                    if cfg.train.precision in AUTOCAST_DTYPES else contextlib.nullcontext())
-        flops_per_sample = job.flops_per_sample(cfg)
-        peak = peak_tflops(device, cfg.train.precision)
+    def _open_metrics(self) -> None:
+        tb_dir = self.run_dir / "tb"
+        if self.main and self.step == 0 and tb_dir.exists():
+            # a start that died before its first checkpoint left events for steps that will be
+            # trained again: without this they would show twice in TensorBoard
+            shutil.rmtree(tb_dir)
+        self.writer = MetricsWriter(tb_dir if self.main else None, purge_step=self.step + 1 if self.step else None)
+        if self.main and self.step == 0:
+            self.writer.text("config", "```yaml\n" + to_yaml(self.cfg) + "```")
+        self.progress = Progress(self.cfg.train.steps, self.step, enabled=self.main)
+        self.flops_per_sample = self.job.flops_per_sample(self.cfg)
+        self.peak = peak_tflops(self.device, self.cfg.train.precision)
+        self.data = iter(self.train_data)
+        self.window = _Window()
+        self.last_checkpoint_time = time.monotonic()
+        self.skipped_in_a_row = 0
+
+    # --- one step -----------------------------------------------------------------------------
+    def _train_step(self) -> _StepOutcome:
+        cfg, engine = self.cfg, self.engine
         accum = cfg.train.grad_accum
+        step_loss = torch.zeros((), device=self.device)
+        step_metrics: dict[str, float] = {}
+        for micro in range(accum):
+            waited = time.perf_counter()
+            batch = next(self.data)
+            self.window.data_wait += time.perf_counter() - waited
+            with engine.accumulating(micro == accum - 1), self.autocast:
+                loss, metrics = self.job.train_step(self.model, batch)
+            engine.backward(loss / accum)
+            step_loss += loss.detach().float() / accum
+            for key, value in metrics.items():
+                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accum
+        time_due = (cfg.train.ckpt_every_minutes > 0
+                    and time.monotonic() - self.last_checkpoint_time >= 60 * cfg.train.ckpt_every_minutes)
+        data_broken = getattr(self.train_data, "too_many_skips", lambda: False)()
+        bad_loss, stop_now, time_due, too_many_skips = engine.any_rank([
+            not bool(torch.isfinite(step_loss)), self.stop.signal is not None, time_due, data_broken,
+        ])
+        if bad_loss:
+            raise NonFiniteLossError(self._nonfinite_message("loss", before=True))
+        if too_many_skips:
+            problems = getattr(self.train_data, "problems", [])
+            raise RuntimeError(f"more than data.max_skip_share={cfg.data.max_skip_share} of samples were unreadable "
+                               f"at step {self.step + 1}; first problems: {problems[:3]}")
+        grad_norm = engine.clip_and_step(cfg.train.clip_grad_norm)
+        self._after_optimizer_step(grad_norm)
+        next_step = self.step + 1
+        periodic = bool(cfg.train.ckpt_every) and next_step % cfg.train.ckpt_every == 0
+        return _StepOutcome(step_loss, step_metrics, grad_norm, stop_now, time_due or periodic)
 
-        def save(at_step: int) -> None:
-            train_state, local_state = None, None
-            if ema_sharded:
-                local_state = {"ema": ema.state_dict()}
-            if main:
-                weights = {"model": engine.model_state(), "optimizer": engine.optimizer_state()} \
-                    if engine.replicated else {}  # sharded engines: engine.save_state, every rank
-                train_state = {
-                    **weights,
-                    "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None and not ema_sharded else {},
-                    "job": job.state_dict(),
-                    "data": parts.train_data.state_dict(),
-                    "step": at_step,
-                    "loss": loss_value,
-                    "config": to_yaml(cfg),
-                }
-            checkpointer.save(at_step, train_state, engine, {"engine": engine.name, "world_size": env.world_size},
-                              local_state)
-            writer.flush()
+    def _after_optimizer_step(self, grad_norm: torch.Tensor) -> None:
+        """LR schedule and EMA advance only when the optimizer really stepped."""
+        if self.engine.step_skipped():  # fp16 loss-scale overflow: the engine lowered the scale
+            self.skipped_in_a_row += 1
+            log.warning("step %d skipped: fp16 gradients overflowed (%d in a row)", self.step + 1,
+                        self.skipped_in_a_row)
+            if self.skipped_in_a_row > MAX_SKIPPED_STEPS:
+                raise NonFiniteLossError(self._nonfinite_message("fp16 gradients"))
+            return
+        self.skipped_in_a_row = 0
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(self._nonfinite_message("gradient norm"))
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.engine.module, self.step)
 
-        def evaluate(at_step: int) -> dict[str, float]:
-            result = EvalResult()
-            if main or engine.collective_eval:
-                eval_model = ema.shadow if ema is not None else engine.module
-                was_training = eval_model.training
-                eval_model.eval()
-                with torch.no_grad(), autocast:
-                    result = job.evaluate(eval_model, at_step)
-                eval_model.train(was_training)
-            if main:
-                writer.scalars({f"eval/{k}": v for k, v in result.metrics.items()}, at_step)
-                for tag, images in result.images.items():
-                    writer.images(f"eval/{tag}", images, at_step)
-                for tag, body in result.text.items():
-                    writer.text(f"eval/{tag}", body, at_step)
-                log.info("eval step %d %s", at_step, json.dumps(result.metrics))
-            engine.barrier()
-            return result.metrics
+    def _log_metrics(self, outcome: _StepOutcome) -> None:
+        cfg, step = self.cfg, self.step
+        if step % cfg.train.log_every and step != cfg.train.steps:
+            return
+        self.loss_value = float(self.engine.all_reduce(outcome.loss.detach().clone(), "mean"))
+        elapsed = self.window.elapsed()
+        scalars = {
+            "train/loss": self.loss_value,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": float(outcome.grad_norm),
+            "perf/samples_per_s": self.window.samples / elapsed,
+            "perf/data_wait_share": self.window.data_wait / elapsed,
+            "perf/memory_gb": memory_gb(self.device),
+            **{f"train/{k}": v for k, v in outcome.metrics.items()},
+        }
+        skipped = getattr(self.train_data, "skipped", None)
+        if skipped is not None:
+            scalars["data/skipped_samples"] = float(skipped)
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * self.window.samples / elapsed / self.env.world_size / 1e12
+            scalars["perf/tflops_per_device"] = tflops
+            if self.peak:
+                scalars["perf/mfu"] = tflops / self.peak
+        self.writer.scalars(scalars, step)
+        if self.main:
+            _write_progress(self.run_dir, step, self.loss_value)
+        self.progress.update(step, {"loss": self.loss_value, "lr": scalars["train/lr"],
+                                    "samples_per_s": scalars["perf/samples_per_s"]})
+        self.window = _Window()
 
-        skipped_in_a_row = 0
-        data = iter(parts.train_data)
-        window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
-        last_ckpt_time = time.monotonic()
-        loss_value = loss_at_checkpoint
-        samples_per_step = cfg.train.batch_size
-        if step >= cfg.train.steps:
-            log.info("checkpoint is at step %d >= train.steps: nothing left to train", step)
+    # --- checkpoints and evaluation -----------------------------------------------------------
+    def _save(self) -> None:
+        engine, ema = self.engine, self.ema
+        train_state, local_state = None, None
+        if self.ema_sharded:
+            local_state = {"ema": ema.state_dict()}
+        if self.main:
+            weights = {"model": engine.model_state(), "optimizer": engine.optimizer_state()} \
+                if engine.replicated else {}  # sharded engines: engine.save_state, every rank
+            train_state = {
+                **weights,
+                "scheduler": self.scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None and not self.ema_sharded else {},
+                "job": self.job.state_dict(),
+                "data": self.train_data.state_dict(),
+                "step": self.step,
+                "loss": self.loss_value,
+                "config": to_yaml(self.cfg),
+            }
+        self.checkpointer.save(self.step, train_state, engine, {"engine": engine.name,
+                                                                "world_size": self.env.world_size}, local_state)
+        self.writer.flush()
+        self.last_checkpoint_time = time.monotonic()
 
-        while step < cfg.train.steps:
-            step_loss = torch.zeros((), device=device)
-            step_metrics: dict[str, float] = {}
-            for micro in range(accum):
-                waited = time.perf_counter()
-                batch = next(data)
-                window_wait += time.perf_counter() - waited
-                with engine.accumulating(micro == accum - 1), autocast:
-                    loss, metrics = job.train_step(model, batch)
-                engine.backward(loss / accum)
-                step_loss += loss.detach().float() / accum
-                for key, value in metrics.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accum
-            time_due = (cfg.train.ckpt_every_minutes > 0
-                        and time.monotonic() - last_ckpt_time >= 60 * cfg.train.ckpt_every_minutes)
-            data_broken = getattr(parts.train_data, "too_many_skips", lambda: False)()
-            bad_loss, stop_now, time_due, too_many_skips = engine.any_rank([
-                not bool(torch.isfinite(step_loss)), self.stop.signal is not None, time_due, data_broken,
-            ])
-            if bad_loss:
-                raise NonFiniteLossError(self._nonfinite_message(step + 1, "loss", checkpointer, engine, before=True))
-            if too_many_skips:
-                problems = getattr(parts.train_data, "problems", [])
-                raise RuntimeError(
-                    f"more than data.max_skip_share={cfg.data.max_skip_share} of samples were unreadable "
-                    f"at step {step + 1}; first problems: {problems[:3]}"
-                )
-            grad_norm = engine.clip_and_step(cfg.train.clip_grad_norm)
-            if engine.step_skipped():  # fp16 loss-scale overflow: the engine lowered the scale
-                skipped_in_a_row += 1
-                log.warning("step %d skipped: fp16 gradients overflowed (%d in a row)", step + 1, skipped_in_a_row)
-                if skipped_in_a_row > MAX_SKIPPED_STEPS:
-                    raise NonFiniteLossError(self._nonfinite_message(step + 1, "fp16 gradients", checkpointer, engine))
-            else:
-                skipped_in_a_row = 0
-                if not torch.isfinite(grad_norm):
-                    raise NonFiniteLossError(self._nonfinite_message(step + 1, "gradient norm", checkpointer, engine))
-                scheduler.step()
-                if ema is not None:
-                    ema.update(engine.module, step)
-            step += 1
-            window_samples += samples_per_step
+    def _evaluate(self) -> dict[str, float]:
+        """The job's evaluation on the EMA (or trained) model, with every RNG isolated so that
+        evaluating never changes what training does next."""
+        result = EvalResult()
+        if self.main or self.engine.collective_eval:
+            eval_model = self.ema.shadow if self.ema is not None else self.engine.module
+            was_training = eval_model.training
+            eval_model.eval()
+            with isolated_rng(), torch.no_grad(), self.autocast:
+                result = self.job.evaluate(eval_model, self.step)
+            eval_model.train(was_training)
+        if self.main:
+            self.writer.scalars({f"eval/{k}": v for k, v in result.metrics.items()}, self.step)
+            for tag, images in result.images.items():
+                self.writer.images(f"eval/{tag}", images, self.step)
+            for tag, body in result.text.items():
+                self.writer.text(f"eval/{tag}", body, self.step)
+            log.info("eval step %d %s", self.step, json.dumps(result.metrics))
+        self.engine.barrier()
+        return result.metrics
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                loss_value = float(engine.all_reduce(step_loss.detach().clone(), "mean"))
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                scalars = {
-                    "train/loss": loss_value,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
-                    "perf/samples_per_s": window_samples / elapsed,
-                    "perf/data_wait_share": window_wait / elapsed,
-                    "perf/memory_gb": memory_gb(device),
-                    **{f"train/{k}": v for k, v in step_metrics.items()},
-                }
-                skipped = getattr(parts.train_data, "skipped", None)
-                if skipped is not None:
-                    scalars["data/skipped_samples"] = float(skipped)
-                if flops_per_sample:
-                    tflops = flops_per_sample * window_samples / elapsed / env.world_size / 1e12
-                    scalars["perf/tflops_per_device"] = tflops
-                    if peak:
-                        scalars["perf/mfu"] = tflops / peak
-                writer.scalars(scalars, step)
-                if main:
-                    _write_progress(run_dir, step, loss_value)
-                progress.update(step, {"loss": loss_value, "lr": scalars["train/lr"],
-                                       "samples_per_s": scalars["perf/samples_per_s"]})
-                window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
-
-            finished = step == cfg.train.steps
-            if not finished and (stop_now or time_due or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0)):
-                save(step)
-                last_ckpt_time = time.monotonic()
-            if stop_now and not finished:  # a signal at the last step: finish normally instead
-                writer.close()
-                message = f"stopped by signal after step {step}; resume with the same command"
-                raise Preempted(message, self.stop.signal)
-            if not finished and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                evaluate(step)
-
-        final_ref = checkpointer.latest()
-        if final_ref is None or final_ref.step != step:
-            save(step)
-        eval_metrics = evaluate(step)
-        samples_seen = step * cfg.train.batch_size
+    def _finish(self) -> dict[str, Any]:
+        cfg, engine = self.cfg, self.engine
+        final = self.checkpointer.latest()
+        if final is None or final.step != self.step:
+            self._save()
+        eval_metrics = self._evaluate()
+        samples_seen = self.step * cfg.train.batch_size
         summary = {
-            "job": job.name,
-            "step": step,
-            "final_loss": loss_value,
+            "job": self.job.name,
+            "step": self.step,
+            "final_loss": self.loss_value,
             # ds_numel: ZeRO-3 leaves partitioned parameters empty on every rank
-            "params": job.model_size(cfg) or sum(getattr(p, "ds_numel", p.numel())
-                                                 for p in engine.module.parameters() if p.requires_grad),
+            "params": self.job.model_size(cfg) or sum(getattr(p, "ds_numel", p.numel())
+                                                      for p in engine.module.parameters() if p.requires_grad),
             "samples_seen": samples_seen,
-            "compute_flops": flops_per_sample * samples_seen,
+            "compute_flops": self.flops_per_sample * samples_seen,
             "weights_sha256": weights_sha256(engine.model_state()),
             "eval": eval_metrics,
-            "world_size": env.world_size,
+            "world_size": self.env.world_size,
         }
-        if main:
-            writer.hparams(_hparams(cfg), {"final_loss": loss_value, **eval_metrics})
-            writer.close()
-            tmp = run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1))
-            tmp.rename(run_dir / "summary.json")
-        progress.close()
+        if self.main:
+            self.writer.hparams(_hparams(cfg), {"final_loss": self.loss_value, **eval_metrics})
+            self.writer.close()
+            _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        self.progress.close()
         engine.barrier()
         return summary
 
-    @staticmethod
-    def _nonfinite_message(step: int, what: str, checkpointer: Checkpointer, engine, before: bool = False) -> str:
-        latest = checkpointer.latest()
+    def _nonfinite_message(self, what: str, before: bool = False) -> str:
+        latest = self.checkpointer.latest()
         kept = f"the last good checkpoint is {latest.path}" if latest else "no checkpoint was written yet"
-        stopped = ("training stopped before the optimizer step" if before or not engine.steps_before_norm_check
-                   else f"{engine.name} had already applied the step; nothing after it was saved")
-        return (f"non-finite {what} at step {step}: {stopped}; {kept}. "
+        stopped = ("training stopped before the optimizer step" if before or not self.engine.steps_before_norm_check
+                   else f"{self.engine.name} had already applied the step; nothing after it was saved")
+        return (f"non-finite {what} at step {self.step + 1}: {stopped}; {kept}. "
                 "Lower optim.lr, enable train.clip_grad_norm, or check the data of this step.")
 
 
@@ -314,12 +419,16 @@ def _check_same_world(checkpoint: Path, world_size: int, engine: str) -> None:
         )
 
 
+def _write_atomic(path: Path, body: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(body)
+    tmp.rename(path)
+
+
 def _write_progress(run_dir: Path, step: int, loss: float) -> None:
     """Small, atomically replaced file that `scaleyard status` reads (TensorBoard files are
     too slow to parse for a table of hundreds of runs)."""
-    tmp = run_dir / "progress.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "loss": loss, "time": time.time()}))
-    tmp.rename(run_dir / "progress.json")
+    _write_atomic(run_dir / "progress.json", json.dumps({"step": step, "loss": loss, "time": time.time()}))
 
 
 def _hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -338,4 +447,4 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-__all__ = ["NonFiniteLossError", "Preempted", "Trainer", "capture_rng"]
+__all__ = ["BuildError", "NonFiniteLossError", "Preempted", "Trainer", "capture_rng", "isolated_rng", "train_stream"]

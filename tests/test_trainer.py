@@ -99,7 +99,7 @@ def test_bad_config_errors_and_existing_run_untouched(tmp_path, classify_args):
         "optim.lrr=1": "unknown config key 'optim.lrr'; keys allowed here: beta1",
         "train.steps=many": "'train.steps'",
         "train.grad_accum=3": "divisible by world size x train.grad_accum",
-        "data.lanes=0": "'data.lanes': 0 is below the minimum 1",
+        "data.lanes=-1": "'data.lanes': -1 is below the minimum 0",
         "model.width=8": "different config (keys model.width)",
         "noequals": "not KEY=VALUE",
     }

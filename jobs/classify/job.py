@@ -121,16 +121,15 @@ def eval_batches(cfg: DictConfig, batch_size: int):
 
 
 def load_classifier(run_dir: str | Path, device: torch.device | str = "cpu") -> ConvClassifier:
-    """The trained classifier of a finished (or checkpointed) classify run, in eval mode."""
-    from scaleyard.platform.checkpoint import Checkpointer
+    """The trained classifier of a finished (or checkpointed) classify run, in eval mode, from
+    any engine's checkpoint (its trained weights, not an EMA)."""
+    from scaleyard.platform.weights import load_run_weights
 
-    run_dir = Path(run_dir)
-    latest = Checkpointer(run_dir / "checkpoints", keep=1).latest()
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint; train one with `scaleyard run classify`")
-    state, _, _ = Checkpointer(run_dir / "checkpoints", keep=1).load(latest)
-    model = ConvClassifier(ClassifierConfig(**state["job"]["model_config"]))
-    model.load_state_dict(state["model"])
+    loaded = load_run_weights(run_dir, ema=False)
+    if "model_config" not in loaded.job_state:
+        raise ValueError(f"{run_dir} was not written by the classify job (its checkpoint has no model_config)")
+    model = ConvClassifier(ClassifierConfig(**loaded.job_state["model_config"]))
+    model.load_state_dict(loaded.weights)
     return model.to(device).eval()
 
 
