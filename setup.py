@@ -21,6 +21,7 @@ for folder in CODE_FOLDERS:
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={f"scaleyard.{folder}": ["**/*.yaml"] for folder in CODE_FOLDERS},
+    # presets and profiles (YAML), `scaleyard new` templates (.tmpl)
+    package_data={f"scaleyard.{folder}": ["**/*.yaml", "**/*.tmpl"] for folder in CODE_FOLDERS},
     include_package_data=True,
 )

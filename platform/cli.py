@@ -34,6 +34,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    from scaleyard.platform.scaffold import new_job
+
+    folder, names, files = new_job(args.name, Path(args.dir) if args.dir else None)
+    print(f"wrote job {names.job!r} (package {names.pkg}, distribution {names.dist}) in {folder}:")
+    for path in files:
+        print(f"  {path}")
+    print(f"next:\n  pip install -e {folder}            # registers it (entry point scaleyard.jobs)\n"
+          f"  scaleyard run {names.job} --preset tiny\n  pytest {folder / 'tests'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from scaleyard.platform.launch import prepare
 
@@ -293,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("jobs", help="list registered jobs").set_defaults(func=cmd_jobs)
+    new = sub.add_parser("new", help="write a new job package (registered through its entry point)")
+    new.add_argument("name", help="job name, also the package name: lower-case letters, digits, underscores")
+    new.add_argument("--dir", default=None, help="folder to write (default: ./NAME); must be new or empty")
+    new.set_defaults(func=cmd_new)
 
     def job_command(name: str, help_text: str, func, local_processes: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
