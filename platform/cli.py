@@ -137,13 +137,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from scaleyard.platform.sweep import annotate
     from scaleyard.slurm.monitor import format_table, run_dirs, run_status
 
-    rows = [run_status(d) for d in run_dirs(Path(args.path))]
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(format_table(rows))
+    if not Path(args.path).exists():
+        raise FileNotFoundError(f"{args.path} does not exist: give a run folder or a folder of runs")
+    rows = annotate([run_status(d) for d in run_dirs(Path(args.path))])
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows), file=args.result)
     return 0
 
 
@@ -151,18 +151,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from scaleyard.slurm.monitor import cancel, run_dirs
 
     for run_dir in run_dirs(Path(args.path)):
-        print(f"cancelled {cancel(run_dir)} ({run_dir})")
+        what = cancel(run_dir)
+        print(f"cancelled {what} ({run_dir})" if what else f"{run_dir}: not running, nothing to cancel")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from scaleyard.slurm.launch import job_of, read_submission
-    from scaleyard.slurm.monitor import follow, log_files
+    from scaleyard.slurm.monitor import ended, follow, log_files
 
-    paths = log_files(Path(args.run), args.rank)
-    submission = read_submission(Path(args.run))
-    job = job_of(submission)
-    for line in follow(paths, (lambda: job.done()) if args.follow else (lambda: True)):
+    run = Path(args.run)
+    for line in follow(log_files(run, args.rank), (lambda: ended(run)) if args.follow else (lambda: True)):
         print(line, flush=True)
     return 0
 
@@ -209,24 +207,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import time
-
-    from scaleyard.platform.sweep import launch
+    from scaleyard.platform.sweep import SPEC_FILE, SweepProgress, annotate, launch, resolve_target
+    from scaleyard.slurm.launch import SubmititLauncher
     from scaleyard.slurm.monitor import format_table, run_dirs, run_status
 
-    spec = Path(args.spec)
-    sweep_dir = Path(args.dir) if args.dir else Path("runs") / "sweeps" / spec.stem
-    result = launch(spec, sweep_dir, args.cluster, args.profile)
+    spec, sweep_dir = resolve_target(args.spec, args.overrides, args.preset, args.concurrency, args.dir)
+    launcher = SubmititLauncher.from_profile(args.cluster, args.profile)  # the platform reaches SLURM through it
+    progress = SweepProgress(sweep_dir, launcher) if args.wait else None
+    result = launch(spec, sweep_dir, launcher, on_wait=progress.tick if progress else None)
     print(f"sweep {sweep_dir}: {result['runs']} runs, submitted {len(result['submitted'])}, "
-          f"skipped {len(result['skipped'])} (finished or queued)")
-    while args.wait:
-        rows = [run_status(d) for d in run_dirs(sweep_dir)]
-        if all(r["state"].split(" ")[0] in ("COMPLETED", "FINISHED", "FAILED", "CANCELLED", "TIMEOUT")
-               or r["state"] == "" for r in rows):
-            print(format_table(rows))
-            return 0 if all((Path(r["run"]) / "summary.json").exists() for r in rows) else 1
-        time.sleep(5)
-    return 0
+          f"skipped {len(result['skipped'])} (finished or queued); resume with "
+          f"`scaleyard sweep {sweep_dir / SPEC_FILE}`", flush=True)
+    if progress is None:
+        return 0
+    all_completed = progress.wait()
+    print(format_table(annotate([run_status(d) for d in run_dirs(sweep_dir)])))
+    return 0 if all_completed else 1
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -341,14 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--name", default=None, help="job name (letters, digits, . _ -)")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script; queue nothing")
 
-    status = sub.add_parser("status", help="runs with their queue state, step, loss and requeues")
+    status = sub.add_parser("status", help="runs with their state (SLURM's words; FAILED with the reason), step, "
+                                           "loss, headline metric, swept values, requeues; * marks a sweep's best")
     status.add_argument("path", nargs="?", default="runs", help="a run folder or a folder of runs")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
-    cancel = sub.add_parser("cancel", help="cancel the submitted job(s) of a run or sweep folder")
+    cancel = sub.add_parser("cancel", help="cancel the runs of a run or sweep folder (scancel, or TERM to local ranks)")
     cancel.add_argument("path")
     cancel.set_defaults(func=cmd_cancel)
-    logs = sub.add_parser("logs", help="stdout/stderr of one rank of a submitted run")
+    logs = sub.add_parser("logs", help="the log of one rank of a run (submitted or local)")
     logs.add_argument("run")
     logs.add_argument("--rank", type=int, default=0)
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
@@ -362,12 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     exp.add_argument("--ema", action="store_true", help="the EMA weights instead of the trained ones")
     exp.set_defaults(func=cmd_export)
-    sweep = sub.add_parser("sweep", help="launch (or resume) a sweep from a YAML spec as one job array")
-    sweep.add_argument("spec")
-    sweep.add_argument("--dir", default=None, help="sweep folder (default: runs/sweeps/<spec name>)")
+    sweep = sub.add_parser("sweep", help="launch (or resume) a sweep as one job array: from a YAML spec, or "
+                                          "Hydra-style from the command line (JOB optim.lr=1e-3,3e-3 ...)")
+    sweep.add_argument("spec", help="a sweep spec (.yaml), or a job name followed by overrides")
+    sweep.add_argument("overrides", nargs="*", help="with a job: KEY=A,B,... is an axis, KEY=VALUE part of the base")
+    sweep.add_argument("--preset", default=None, help="with a job: its preset (default: 'default')")
+    sweep.add_argument("--concurrency", type=int, default=None, help="with a job: runs at a time (default 4)")
+    sweep.add_argument("--dir", default=None, help="sweep folder (default: runs/sweeps/<spec name>, the spec's "
+                                                   "own sweep folder, or runs/sweeps/<job>/<time>)")
     sweep.add_argument("--cluster", choices=("local", "slurm"), default="local")
     sweep.add_argument("--profile", default=None)
-    sweep.add_argument("--wait", action="store_true", help="return when every run has ended")
+    sweep.add_argument("--wait", action="store_true", help="print progress and an ETA; return when every run "
+                                                           "has ended (exit 1 unless all completed)")
     sweep.set_defaults(func=cmd_sweep)
 
     scaling = sub.add_parser("scaling", help="fit scaling laws to a sweep folder or a CSV of runs")

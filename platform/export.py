@@ -89,11 +89,21 @@ def export(run_dir: Path, fmt: str = "safetensors", out: Path | None = None, ste
     out = out or run_dir / "export" / f"step_{ref.step:08d}{'_ema' if ema else ''}.safetensors"
     if out.exists():
         raise ExportError(f"{out} exists; choose another --out (exports never overwrite)")
-    weights = {k: v.detach().contiguous().clone() for k, v in full_weights(ref, ema).items()}
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(weights, str(tmp), metadata={"step": str(ref.step), "run": str(run_dir), "ema": str(ema)})
-    tmp.rename(out)
-    return out, weights_sha256(weights)
+    # three stages of similar cost on large models; a bar on stderr only when it is a terminal
+    with tqdm(total=3, desc=f"export step {ref.step}", unit="stage", disable=None, dynamic_ncols=True) as bar:
+        bar.set_postfix_str("reading and consolidating the checkpoint")
+        weights = {k: v.detach().contiguous().clone() for k, v in full_weights(ref, ema).items()}
+        bar.update()
+        bar.set_postfix_str(f"writing {out.name}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        save_file(weights, str(tmp), metadata={"step": str(ref.step), "run": str(run_dir), "ema": str(ema)})
+        tmp.rename(out)
+        bar.update()
+        bar.set_postfix_str("sha256")
+        digest = weights_sha256(weights)
+        bar.update()
+    return out, digest

@@ -164,18 +164,21 @@ def write_config(prepared: Prepared) -> None:
 
 
 def run_here(prepared: Prepared, env: DistEnv | None = None) -> dict:
-    """Run one rank of the job in this process."""
-    from scaleyard.platform.trainer import Trainer
+    """Run one rank of the job in this process, logging also to run_dir/logs/rank<R>.log and
+    recording how it ended in run_dir/logs/rank<R>.json (what `scaleyard status` and `logs` read)."""
+    from scaleyard.platform.run_record import RankRecord
+    from scaleyard.platform.trainer import Preempted, Trainer
 
     env = env or env_from_os()
-    try:
-        if prepared.job.trains:
-            return Trainer(prepared.job, prepared.cfg, env).run()
-        from scaleyard.platform.sampling import run_sampling
+    with RankRecord(prepared.run_dir, env.rank, env.world_size, stop=Preempted):
+        try:
+            if prepared.job.trains:
+                return Trainer(prepared.job, prepared.cfg, env).run()
+            from scaleyard.platform.sampling import run_sampling
 
-        return run_sampling(prepared.job, prepared.cfg, env)
-    finally:
-        destroy_process_group()
+            return run_sampling(prepared.job, prepared.cfg, env)
+        finally:
+            destroy_process_group()
 
 
 def run_local(prepared: Prepared, nproc: int) -> int:

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +62,9 @@ class RankRecord:
         self.record = {"rank": self.rank, "world_size": self.world_size, "state": RUNNING, "pid": os.getpid(),
                        "host": socket.gethostname(), "started": time.time()}
         _write(record_file(self.run_dir, self.rank), self.record)
-        logging.getLogger("scaleyard").info("rank %d of %d started (pid %d on %s)", self.rank, self.world_size,
-                                            os.getpid(), self.record["host"])
+        self.handler.handle(logging.LogRecord(  # to the file only: a console needs no separator line
+            "scaleyard", logging.INFO, __file__, 0, "rank %d of %d started (pid %d on %s)",
+            (self.rank, self.world_size, os.getpid(), self.record["host"]), None))
         return self
 
     def __exit__(self, kind, error, tb) -> None:
@@ -123,8 +123,12 @@ def alive_here(record: dict[str, Any]) -> bool | None:
     """Whether the record's process still runs; None when it ran on another host."""
     if record.get("host") != socket.gethostname():
         return None
+    return pid_alive(int(record["pid"]))
+
+
+def pid_alive(pid: int) -> bool:
     try:
-        os.kill(int(record["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from scaleyard.slurm.profiles import ClusterProfile, check_job_name, check_profile
+from scaleyard.platform.launcher import RunRequest
+from scaleyard.slurm.profiles import ClusterProfile, check_job_name, check_profile, load_profile
 from scaleyard.slurm.task import RunTask
 
 CLUSTERS = ("local", "slurm")
@@ -80,10 +82,11 @@ def submit_run(task: RunTask, cluster: str, profile: ClusterProfile, job_name: s
 
 
 def submit_array(tasks: list[RunTask], cluster: str, profile: ClusterProfile, job_name: str, folder: Path,
-                 concurrency: int) -> list[Submission]:
+                 concurrency: int, on_wait: Callable[[], None] | None = None) -> list[Submission]:
     """Many runs as one job array, at most `concurrency` at a time. On SLURM this is one sbatch
     with `--array=0-N%concurrency`; locally the same limit is kept by starting each run when a
-    slot frees up (this call then returns when the last run has started)."""
+    slot frees up (this call then returns when the last run has started, calling `on_wait`
+    while it waits)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     submissions = []
@@ -101,6 +104,8 @@ def submit_array(tasks: list[RunTask], cluster: str, profile: ClusterProfile, jo
             while len(running) >= concurrency:
                 running = [job for job in running if not job.done()]
                 if len(running) >= concurrency:
+                    if on_wait is not None:
+                        on_wait()
                     time.sleep(0.5)
             job = executor.submit(task)
             running.append(job)
@@ -117,3 +122,31 @@ def job_of(submission: Submission) -> submitit.Job:
 def read_submission(run_dir: Path) -> Submission | None:
     path = Path(run_dir) / SUBMISSION_FILE
     return Submission(**json.loads(path.read_text())) if path.exists() else None
+
+
+class SubmititLauncher:
+    """The platform's `Launcher` (platform/launcher.py) through submitit: local processes
+    (cluster "local") or SLURM job arrays (cluster "slurm") with a cluster profile."""
+
+    def __init__(self, cluster: str, profile: ClusterProfile):
+        if cluster not in CLUSTERS:
+            raise ValueError(f"--cluster {cluster!r}: choose one of {', '.join(CLUSTERS)}")
+        check_profile(profile, cluster)  # before anything is written or queued
+        self.cluster, self.profile = cluster, profile
+        self.world_size = profile.world_size
+        self.gpu_memory_gb = profile.gpu_memory_gb or None
+        self.runs_here = cluster == "local"
+
+    @classmethod
+    def from_profile(cls, cluster: str, profile: str | None) -> SubmititLauncher:
+        return cls(cluster, load_profile(profile or "local"))
+
+    def submit_array(self, runs: list[RunRequest], name: str, folder: Path, concurrency: int,
+                     on_wait: Callable[[], None] | None = None) -> None:
+        tasks = [RunTask(run.job, run.preset, run.overrides, run.run_dir) for run in runs]
+        submit_array(tasks, self.cluster, self.profile, name, folder, concurrency, on_wait)
+
+    def state(self, run_dir: Path) -> str:
+        from scaleyard.slurm.monitor import run_state  # monitor imports this module
+
+        return run_state(Path(run_dir))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from scaleyard.data_loaders.index import DataError, ShardIndex
 from scaleyard.data_loaders.writer import write_split
 
@@ -21,6 +23,7 @@ class Split:
     samples: Callable[[], Iterator[dict[str, Any]]]
     schema: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
+    size: int | None = None  # samples it will yield, when known up front (for the progress bar)
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,11 @@ def build(
     module = importlib.import_module(f"scaleyard.data_loaders.builders.{builder.module}")
     written = {}
     for split in module.splits(limit=limit, **options):
+        # a bar on stderr when it is a terminal (disable=None), nothing in logs and pipes
+        samples = tqdm(split.samples(), total=split.size, desc=f"{name}/{split.name}", unit=" samples",
+                       disable=None, dynamic_ncols=True)
         written[split.name] = write_split(
-            split.samples(),
+            samples,
             Path(out) / split.name,
             builder=name,
             version=builder.version,

@@ -49,4 +49,8 @@ def splits(limit: int | None = None) -> list[Split]:
 
     extra = {"columns": schema_columns, "target": "income"}
     schema = {"json": "one table row: {column: value}"}
-    return [Split("train", lambda: rows(train), schema, extra), Split("test", lambda: rows(test), schema, extra)]
+    def size(frame) -> int:
+        return len(frame) if limit is None else min(limit, len(frame))
+
+    return [Split("train", lambda: rows(train), schema, extra, size(train)),
+            Split("test", lambda: rows(test), schema, extra, size(test))]

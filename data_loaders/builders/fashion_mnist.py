@@ -39,6 +39,14 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * rank).reshape(shape)
 
 
+def idx_count(path: Path) -> int | None:
+    """The first dimension from an IDX header (for the progress bar); None when the file is absent."""
+    if not path.exists():
+        return None
+    with gzip.open(path) as handle:
+        return int.from_bytes(handle.read(8)[4:8], "big")
+
+
 def caption(label: int, position: int) -> tuple[str, int]:
     name = CLASS_NAMES[label]
     template = position % len(CAPTION_TEMPLATES)
@@ -72,6 +80,7 @@ def splits(limit: int | None = None, source: str = str(SOURCE)) -> list[Split]:
                 samples,
                 schema={"image.npy": "uint8[28,28]", "cls": "int", "txt": "caption", "json": "label meta"},
                 extra={"class_names": list(CLASS_NAMES), "image_shape": [1, 28, 28]},
+                size=None if (count := idx_count(root / labels_file)) is None else min(count, limit or count),
             )
         )
     return out

@@ -93,6 +93,7 @@ def splits(limit: int | None = None, resolution: int = 32, seed: int = 0) -> lis
                         "json": "attributes"},
                 extra={"image_shape": [3, resolution, resolution], "shapes": list(SHAPES),
                        "colors": list(COLORS), "sizes": list(SIZES), "positions": list(POSITIONS)},
+                size=default_count if limit is None else min(limit, default_count),
             )
         )
     return out
