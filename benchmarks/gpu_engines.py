@@ -20,8 +20,7 @@ import torch.distributed as dist
 from timing import seconds_per_step  # benchmarks/timing.py (run as scripts)
 
 from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import build_model, count_parameters, flops_per_sample
-from scaleyard.models.diffusion_transformer_parallel import parallelize_diffusion_transformer
+from scaleyard.models.diffusion_transformer import TP_PLAN, build_model, count_parameters, flops_per_sample
 from scaleyard.models.presets import preset
 from scaleyard.platform.config import TrainingConfig, resolve
 from scaleyard.platform.distributed import env_from_os, pick_device
@@ -50,7 +49,7 @@ def measure(name: str, engine_name: str, micro_batch: int, steps: int, warmup: i
     model_cfg = preset(name)
     torch.manual_seed(0)
     engine = make_engine(cfg, env, device)
-    engine.wrap(build_model(model_cfg), {}, parallelize_diffusion_transformer)
+    engine.wrap(build_model(model_cfg), {}, tp_plan=TP_PLAN)
     optimizer = make_optimizer(default_param_groups(engine.module, 0.0), cfg.optim)
     model = engine.set_optimizer(optimizer)
     batch = micro_batch  # per replica; the TP ranks of one replica share it

@@ -167,6 +167,27 @@ def build_model(cfg: DiffusionTransformerConfig) -> nn.Module:
     return UViT(cfg) if cfg.arch == "uvit" else DiT(cfg)
 
 
+# Tensor-parallel plan (applied by the platform's engine.name=megatron; vocabulary in
+# platform/engines/tensor_parallel.py). Megatron's split of a transformer block: the fused q|k|v
+# (or q and k|v) and the first MLP layer are column-parallel (a rank computes heads/tp heads and
+# hidden/tp MLP units), the attention output and second MLP layer row-parallel (one all-reduce
+# each); DiT's adaLN modulation is column-parallel with its output gathered. Every Attention/MLP
+# of models/transformer.py matches, so the text encoder's blocks split too.
+TP_PLAN = {
+    "modules": {
+        "*.attn.qkv": {"style": "colwise", "parts": 3},
+        "*.cross.q": "colwise",
+        "*.cross.kv": {"style": "colwise", "parts": 2},
+        "*.attn.proj": "rowwise",
+        "*.cross.proj": "rowwise",
+        "*.mlp.fc1": "colwise",
+        "*.mlp.fc2": "rowwise",
+        "*.ada.1": "colwise_gather_output",
+    },
+    "divide": {"*.attn": ["heads"], "*.cross": ["heads"]},  # Attention.heads: the heads a rank holds
+}
+
+
 def count_parameters(cfg: DiffusionTransformerConfig) -> int:
     """Exact trainable parameter count, without allocating the weights (meta device)."""
     with torch.device("meta"):

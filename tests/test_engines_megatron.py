@@ -1,21 +1,25 @@
-"""megatron-core tensor parallelism on gloo ranks (real megatron-core parallel layers): the
-parallelized DiT-adaLN / DiT-cross / U-ViT compute what the single-device model computes, a TP=2
-training run follows the single-process run, resumes exactly after SIGKILL and exports
-single-device weights; impossible settings are refused before anything runs."""
+"""megatron-core tensor parallelism on gloo ranks (real megatron-core parallel layers) applied
+from declared plans: DiT-adaLN / DiT-cross / U-ViT and a Hugging Face Llama compute what the
+single-device model computes, a TP=2 training run follows the single-process run (loss and
+gradient norm), resumes exactly after SIGKILL and exports single-device weights; impossible
+settings and plans are refused before anything runs."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_engines_deepspeed import losses, summary
 from test_resume import kill_while_writing
 
 from scaleyard.jobs.t2i.job import Config, TextToImage, model_configs
 from scaleyard.platform.checkpoint import weights_sha256
-from scaleyard.platform.config import resolve
+from scaleyard.platform.config import ConfigError, resolve
+from scaleyard.platform.engines.tensor_parallel import parse_plan
 
 from conftest import REPO, scaleyard
 
@@ -29,12 +33,20 @@ def test_parallel_blocks_match_single_device_outputs_and_gradients(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report) == {"dit_adaln", "dit_cross", "uvit"}
+    assert set(report) == {"dit_adaln", "dit_cross", "uvit", "llama", "llama_tied"}
     for arch, r in report.items():
         assert r["output"] <= 1e-5 * max(1.0, r["output_scale"]), (arch, r)
         assert r["input_grad"] < 1e-7 and r["weight_grad"] < 1e-6, (arch, r)
-        assert r["split_parameters"] > 0
+        assert r["grad_scale"] > 1e-3, (arch, r)  # gradients large enough for the comparison to mean something
+        assert r["split_parameters"] > 0 and r["marked_split"], (arch, r)  # the gradient norm counts slices
         assert 0.5 < r["local_share"] < 0.65, (arch, r)  # the block matmuls hold most weights; halved
+    assert report["llama_tied"]["tied"]  # embedding and logits still share one (split) parameter
+
+
+def grad_norms(run_dir) -> list[float]:
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars("train/grad_norm")]
 
 
 def t2i_args(fmnist, run_dir, nproc, *extra):
@@ -56,6 +68,9 @@ def test_tp2_training_follows_single_process_resumes_exactly_and_exports(fmnist,
     # floating-point sums differs, which Adam's normalised steps carry forward
     diffs = [abs(a - b) for a, b in zip(losses(reference), losses(single))]
     assert len(diffs) == 12 and diffs[0] < 1e-6 and max(diffs) < 2e-3, diffs
+    # the norm sums every rank's slices of the split weights once (what clipping scales by)
+    first_tp, first_single = grad_norms(reference)[0], grad_norms(single)[0]
+    assert abs(first_tp - first_single) < 1e-4 * first_single, (first_tp, first_single)
     assert sorted(p.name for p in (reference / "checkpoints" / "step_00000012" / "megatron").iterdir()) == \
         ["tp_rank0.pt", "tp_rank1.pt"]
 
@@ -103,8 +118,31 @@ def test_impossible_tensor_parallel_settings_refused(fmnist, tmp_path, extra, me
     assert not run_dir.exists()
 
 
-def test_job_without_tensor_parallel_plan_is_refused(classify_args, tmp_path):
-    done = scaleyard("run", "classify", "--preset", "tiny", *classify_args, f"run.dir={tmp_path / 'c'}",
+def test_job_without_tensor_parallel_plan_is_refused_before_anything_is_written(classify_args, tmp_path):
+    run_dir = tmp_path / "c"
+    done = scaleyard("run", "classify", "--preset", "tiny", *classify_args, f"run.dir={run_dir}",
                      "engine.name=megatron", "engine.tp_size=2", "--nproc", "2")
-    assert done.returncode != 0
-    assert "has no tensor-parallel plan" in done.stderr
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "config key 'engine.name': job classify's model has no tensor-parallel plan" in done.stderr
+    assert not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("plan,message", [
+    ({"modules": {"*.qkv": "sequence_parallel"}}, "style 'sequence_parallel' is not supported"),
+    ({"modules": {"embed": "embedding_colwise"}}, "style 'embedding_colwise' is not supported"),
+    ({"modules": {"*.qkv": "columnwise"}}, "unknown style 'columnwise'; supported: colwise"),
+    ({"modules": {"*.proj": {"style": "rowwise", "parts": 2}}}, "apply to colwise layers only"),
+    ({"modules": {"*.qkv": {"style": "colwise", "fused": 3}}}, "unknown options ['fused']"),
+    ({"modules": {"*.qkv": "colwise"}, "heads": 4}, "unknown plan keys ['heads']"),
+    ({"*.qkv": "colwise"}, "a tensor-parallel plan is a dict with 'modules'"),
+])
+def test_malformed_plans_are_refused_by_name(plan, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_plan(plan)
+
+
+def test_plan_numbers_must_split_over_tp_size():
+    plan = parse_plan({"modules": {"*.qkv": "colwise"}, "divisible": {"key/value heads": 2}})
+    plan.check(2)
+    with pytest.raises(ConfigError, match=re.escape("'engine.tp_size': 4 does not divide the 2 key/value heads")):
+        plan.check(4)

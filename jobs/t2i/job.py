@@ -20,12 +20,12 @@ from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
 from scaleyard.models import flow
 from scaleyard.models.diffusion_transformer import (
+    TP_PLAN,
     DiffusionTransformerConfig,
     build_model,
     count_parameters,
     flops_per_sample,
 )  # fmt: skip
-from scaleyard.models.diffusion_transformer_parallel import parallelize_diffusion_transformer
 from scaleyard.models.presets import preset
 from scaleyard.models.text_encoder import (
     FrozenMiniLM,
@@ -132,13 +132,7 @@ class TextToImageJob(Job):
     Config = Config
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
-        denoiser, text = model_configs(cfg)
-        if cfg.engine.name == "megatron":
-            tp = cfg.engine.tp_size
-            for key, heads in (("model.preset", denoiser.heads), ("model.text_heads", text.heads)):
-                if heads % tp:
-                    raise ConfigError(f"config key 'engine.tp_size': {tp} does not divide the {heads} attention "
-                                      f"heads of {key}; choose a tp_size dividing {heads}")
+        model_configs(cfg)
         if not cfg.data.path:
             raise ConfigError("config key 'data.path': set it to a split folder with index.json "
                               "(`scaleyard data build fashion_mnist --out data/fashion_mnist`)")
@@ -166,7 +160,7 @@ class TextToImageJob(Job):
             torch.manual_seed(cfg.run.seed)
             model = TextToImage(self.denoiser_cfg, self.text_cfg, frozen.get("text_encoder"))
         self._classifier = None
-        return JobParts(model=model, frozen=frozen, train_data=stream, parallelize=parallelize_diffusion_transformer)
+        return JobParts(model=model, frozen=frozen, train_data=stream)
 
     def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.ctx.device
@@ -182,6 +176,16 @@ class TextToImageJob(Job):
         from scaleyard.jobs.t2i.evaluation import evaluate
 
         return evaluate(self, model, step)
+
+    @staticmethod
+    def tp_plan(cfg: DictConfig) -> dict:
+        """The denoiser's plan (models/diffusion_transformer.py); it splits the trainable text
+        encoder's blocks too, so both head counts must divide engine.tp_size."""
+        denoiser, text = model_configs(cfg)
+        heads = {"attention heads of model.preset": denoiser.heads}
+        if cfg.model.text_encoder == "hashed":  # MiniLM is frozen and outside the model: never split
+            heads["attention heads of model.text_heads"] = text.heads
+        return {**TP_PLAN, "divisible": heads}
 
     @staticmethod
     def model_size(cfg: DictConfig) -> int:

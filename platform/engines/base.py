@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from scaleyard.platform.config import ConfigError
 from scaleyard.platform.distributed import DistEnv, init_process_group
 from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
 from scaleyard.platform.optim import EMA
+
+Blocks = Callable[[nn.Module], list[nn.Module]]  # JobParts.blocks: the model's repeated blocks
 
 
 class Engine:
@@ -53,12 +55,12 @@ class Engine:
         return self.env.world_size
 
     # --- set-up -------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], parallelize=None) -> nn.Module:
-        """Place the model and frozen modules; `parallelize` (the job's tensor-parallel plan) is
-        used by engines that split layers."""
+    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], tp_plan: Any = None,
+             blocks: Blocks | None = None) -> nn.Module:
+        """Place the model and frozen modules. `tp_plan` (Job.tp_plan) is used by engines that
+        split layers; `blocks` (JobParts.blocks) names what activation checkpointing wraps."""
         self.module = model.to(self.device)
-        if self.cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(self.module)
+        self.checkpoint_activations(blocks)
         for module in frozen.values():
             module.to(self.device).eval().requires_grad_(False)
         self.wrapped = self._wrap(self.module)
@@ -66,6 +68,13 @@ class Engine:
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         return module
+
+    def checkpoint_activations(self, blocks: Blocks | None) -> None:
+        """train.activation_checkpointing, the same for every engine: the job's declared blocks,
+        else the name rule (platform/engines/activation_checkpointing.py)."""
+        if self.cfg.train.activation_checkpointing:
+            assert self.module is not None
+            apply_activation_checkpointing(self.module, blocks)
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> nn.Module:
         """Returns the module `train_step` calls (engines that need the optimizer to finish
@@ -206,7 +215,7 @@ def check_engine(cfg: DictConfig, world_size: int, runs_here: bool = True, job_c
     if name == "megatron":
         from scaleyard.platform.engines.megatron_engine import check_megatron
 
-        check_megatron(cfg, world_size)
+        check_megatron(cfg, world_size, job_cls)
     elif cfg.engine.tp_size > 1 or cfg.engine.sequence_parallel:
         raise ConfigError(f"config key 'engine.tp_size': tensor/sequence parallelism needs engine.name=megatron "
                           f"(got {name})")

@@ -28,8 +28,7 @@ from torch import nn
 
 from scaleyard.platform.config import ConfigError, batch_per_rank
 from scaleyard.platform.distributed import DistEnv
-from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
-from scaleyard.platform.engines.base import DDPEngine
+from scaleyard.platform.engines.base import Blocks, DDPEngine
 from scaleyard.platform.optim import EMA, copy_for_ema
 
 log = logging.getLogger("scaleyard")
@@ -175,7 +174,8 @@ class DeepSpeedEngine(DDPEngine):
         self.collective_eval = self.sharded_params
         self._ema_copy: nn.Module | None = None
 
-    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], parallelize=None) -> nn.Module:
+    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], tp_plan: Any = None,
+             blocks: Blocks | None = None) -> nn.Module:
         import deepspeed
 
         self.ds_config = deepspeed_config(self.cfg, self.env.world_size, sum(p.numel() for p in model.parameters()))
@@ -184,8 +184,7 @@ class DeepSpeedEngine(DDPEngine):
             # before the model moves, so two whole copies never sit on the GPU
             self._ema_copy = copy_for_ema(model).requires_grad_(False)
         self.module = model.to(self.device)
-        if self.cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(self.module)
+        self.checkpoint_activations(blocks)
         for name, module in frozen.items():
             module.to(self.device).eval().requires_grad_(False)
             if self.sharded_params:

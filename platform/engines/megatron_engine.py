@@ -3,8 +3,9 @@ across replicas.
 
 The world is split into `engine.tp_size` ranks per replica (megatron's `parallel_state` groups:
 consecutive ranks share a replica, so TP stays inside a node). The job's model is built whole on
-every rank, then the job's `parallelize` function (beside the model, e.g.
-models/diffusion_transformer_parallel.py) swaps its block linears for megatron's parallel ones.
+every rank, then the plan the job declares (`Job.tp_plan`, written beside the model, e.g.
+`TP_PLAN` in models/diffusion_transformer.py) swaps the layers it names for megatron's parallel
+ones (platform/engines/tensor_parallel.py). A job without a plan is refused at launch.
 Data is split over replicas only. Checkpoints hold one file per tensor-parallel rank
 (`step_*/megatron/tp_rank<R>.pt`, written by the first replica) plus the sharding layout, from
 which `model_state` and `scaleyard export` rebuild the single-device weights.
@@ -13,7 +14,6 @@ which `model_state` and `scaleyard export` rebuild the single-device weights.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +24,29 @@ from torch import nn
 
 from scaleyard.platform.config import ConfigError
 from scaleyard.platform.distributed import DistEnv
-from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing
-from scaleyard.platform.engines.base import DDPEngine
+from scaleyard.platform.engines.base import Blocks, DDPEngine
+from scaleyard.platform.engines.tensor_parallel import Sharding, apply_tp_plan, parse_plan, unshard
 from scaleyard.platform.optim import EMA, copy_for_ema
 
 FOLDER = "megatron"
-Parallelize = Callable[[nn.Module, int], dict[str, Any]]
 
 
-def check_megatron(cfg: DictConfig, world_size: int) -> None:
+def check_megatron(cfg: DictConfig, world_size: int, job_cls: Any = None) -> None:
+    """Before launch: the world splits into tensor-parallel groups, and the job (when given)
+    declares a plan whose numbers split over engine.tp_size."""
     tp = cfg.engine.tp_size
     if world_size % tp:
         raise ConfigError(f"config key 'engine.tp_size': {tp} does not divide the world size {world_size}")
     if cfg.engine.sequence_parallel:
         raise ConfigError("config key 'engine.sequence_parallel': sequence parallelism needs megatron's fused "
-                          "norms (Transformer Engine/apex, GPU only); the DiT/U-ViT plan uses tensor parallelism only")
+                          "norms (Transformer Engine/apex, GPU only); plans here use tensor parallelism only")
+    if job_cls is not None:
+        plan = job_cls.tp_plan(cfg)
+        if plan is None:
+            raise ConfigError(f"config key 'engine.name': job {job_cls.name}'s model has no tensor-parallel plan "
+                              "(Job.tp_plan returns None); use engine.name=ddp or deepspeed, or declare a plan "
+                              "beside the model")
+        parse_plan(plan, f"job {job_cls.name}: Job.tp_plan").check(tp)
     try:
         import megatron.core  # noqa: F401
     except ImportError as err:
@@ -60,7 +68,7 @@ class MegatronEngine(DDPEngine):
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.layout: dict[str, Any] = {}
+        self.layout: dict[str, Sharding] = {}
         self._ema_copy: nn.Module | None = None
 
     @property
@@ -73,20 +81,21 @@ class MegatronEngine(DDPEngine):
     def data_world_size(self) -> int:
         return self.env.world_size // self.tp_size
 
-    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], parallelize: Parallelize | None = None) -> nn.Module:
-        if parallelize is None:
+    def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], tp_plan: Any = None,
+             blocks: Blocks | None = None) -> nn.Module:
+        if tp_plan is None:  # launch refuses this already; a direct caller gets the same words
             raise ConfigError("config key 'engine.name': this job's model has no tensor-parallel plan "
-                              "(JobParts.parallelize); use ddp or deepspeed")
+                              "(Job.tp_plan returns None); use engine.name=ddp or deepspeed")
+        plan = parse_plan(tp_plan)
         model = model.to(self.device)
         if self.cfg.train.ema_decay > 0:  # parallelized like the model (megatron layers cannot be deep-copied)
             self._ema_copy = copy_for_ema(model)
-            parallelize(self._ema_copy, self.tp_size)
-        self.layout = parallelize(model, self.tp_size)
-        if self.cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
+            apply_tp_plan(self._ema_copy, plan, self.tp_size)
+        self.layout = apply_tp_plan(model, plan, self.tp_size)
+        self.module = model
+        self.checkpoint_activations(blocks)  # after the split: the blocks hold the parallel layers
         for module in frozen.values():
             module.to(self.device).eval().requires_grad_(False)
-        self.module = model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp_group)
         return self.wrapped
@@ -152,9 +161,7 @@ def _local_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def gather_full_state(module: nn.Module, layout: dict[str, Any], group, size: int) -> dict[str, torch.Tensor]:
-    from scaleyard.models.diffusion_transformer_parallel import unshard
-
+def gather_full_state(module: nn.Module, layout: dict[str, Sharding], group, size: int) -> dict[str, torch.Tensor]:
     full = {}
     for name, tensor in _local_state(module).items():
         how = layout.get(name)
@@ -169,8 +176,6 @@ def gather_full_state(module: nn.Module, layout: dict[str, Any], group, size: in
 
 def merge_shard_files(files: list[Path]) -> dict[str, torch.Tensor]:
     """Single-device weights from a checkpoint's `tp_rank*.pt` files (no process group needed)."""
-    from scaleyard.models.diffusion_transformer_parallel import Sharding, unshard
-
     states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     layout = {k: Sharding(*v) for k, v in states[0]["layout"].items()}
     if len(states) != states[0]["tp_size"]:
@@ -181,16 +186,12 @@ def merge_shard_files(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def merge_ema_files(folder: Path, model_files: list[Path]) -> dict[str, torch.Tensor]:
     """The EMA of a tensor-parallel run: ranks 0..tp-1 (the first replica) hold its slices."""
-    from scaleyard.models.diffusion_transformer_parallel import Sharding, unshard
-
     first = torch.load(model_files[0], map_location="cpu", weights_only=True)
     layout = {k: Sharding(*v) for k, v in first["layout"].items()}
     slices = [torch.load(folder / f"local_rank{r}.pt", map_location="cpu", weights_only=True)["ema"]
               for r in range(first["tp_size"])]
     return {name: unshard([s[name] for s in slices], layout[name]) if name in layout else tensor
             for name, tensor in slices[0].items()}
-
-
 
 
 __all__ = ["MegatronEngine", "check_megatron", "gather_full_state", "merge_ema_files", "merge_shard_files"]
