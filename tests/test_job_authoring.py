@@ -18,14 +18,15 @@ import torch
 
 from scaleyard.platform.checkpoint import PAUSE_ENV
 from scaleyard.platform.scaffold import ScaffoldError, new_job
+from scaleyard.platform.sweep_spec import SweepSpec
 from scaleyard.platform.weights import load_run_weights
 
-from conftest import scaleyard
+from conftest import REPO, scaleyard
 
 JOB = "authored_job"
 
 
-def register(package_dir: Path, site: Path) -> dict:
+def register(package_dir: Path, site: Path, job: str = JOB) -> dict:
     """What `pip install -e package_dir` would make visible, read from the package's own
     pyproject.toml; returns the environment that sees it. (tomllib is 3.11+; the project
     supports 3.10, and these three keys are plain `key = "value"` lines.)"""
@@ -33,7 +34,7 @@ def register(package_dir: Path, site: Path) -> dict:
     name, version = (re.search(rf'^{key} = "(.+)"$', pyproject, re.M).group(1) for key in ("name", "version"))
     section = pyproject.split('[project.entry-points."scaleyard.jobs"]\n', 1)[1].split("\n\n", 1)[0]
     entry_points = dict(re.findall(r'^(\w+) = "(.+)"$', section, re.M))
-    assert entry_points == {JOB: f"{JOB}.job:JOB"}, section
+    assert entry_points == {job: f"{job}.job:JOB"}, section
     info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
@@ -141,3 +142,30 @@ def test_new_refuses_names_and_folders_it_cannot_use(tmp_path):
     folder, names, files = new_job("fresh_job", tmp_path / "empty_is_fine")
     assert names.class_name == "FreshJobJob" and Path("fresh_job/job.py") in files
     assert "fresh_job = \"fresh_job.job:JOB\"" in (folder / "pyproject.toml").read_text()
+
+
+def readme_section(title: str) -> str:
+    return (REPO / "README.md").read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_example_job_trains_and_its_sweep_spec_loads(tmp_path):
+    """The README's hand-written job (every block headed by its file name) is complete: written
+    out as a package, it registers and trains; its sweep spec is valid."""
+    blocks = re.findall(r"```(?:python|toml|yaml)\n(.*?)```", readme_section("Bring your own job"), re.S)
+    files = {block.splitlines()[0].removeprefix("# "): block for block in blocks
+             if re.match(r"# [\w/]+\.(py|toml|yaml)\n", block)}
+    assert set(files) == {"my_job/job.py", "pyproject.toml", "my_job/presets/tiny.yaml"}
+    package = tmp_path / "package"
+    for name, text in {**files, "my_job/__init__.py": ""}.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    env = register(package, tmp_path / "site", job="my_job")
+    done = scaleyard("run", "my_job", "--preset", "tiny", f"run.dir={tmp_path / 'run'}", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = summary(tmp_path / "run")
+    assert result["step"] == 30 and result["eval"]["mse"] < 1.0  # from ~3.5 (the targets' variance)
+
+    (spec_text,) = [block for block in blocks if block.startswith("job: my_job")]
+    (tmp_path / "spec.yaml").write_text(spec_text)
+    spec = SweepSpec.load(tmp_path / "spec.yaml")
+    assert spec.grid == {"optim.lr": [1e-3, 3e-3], "model.hidden": [32, 64]} and spec.metric == "eval.mse"
