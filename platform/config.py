@@ -82,6 +82,8 @@ class EngineConfig:
     offload_params: bool = False  # deepspeed: parameters on CPU between uses (ZeRO-3 only)
     tp_size: int = bounded(1, 1)  # megatron: tensor-parallel ranks per model replica
     sequence_parallel: bool = False  # megatron: shard norms/dropout activations along the sequence
+    # deepspeed ZeRO-3: gather the whole model while evaluating (see DeepSpeedEngine.evaluation)
+    gather_params_for_eval: bool = True
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed JSON keys, merged last
 
 

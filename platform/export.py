@@ -48,7 +48,8 @@ def full_weights(ref: CheckpointRef, ema: bool = False) -> dict[str, torch.Tenso
     if engine == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        model = get_fp32_state_dict_from_zero_checkpoint(str(ref.path), tag="deepspeed")
+        model = _saved_buffer_dtypes(get_fp32_state_dict_from_zero_checkpoint(str(ref.path), tag="deepspeed"),
+                                     ref.path / "deepspeed")
         if not ema:
             return dict(model)
         if state.get("ema"):  # ZeRO 1-2: the EMA is replicated, saved by rank 0
@@ -73,6 +74,20 @@ def _zero3_ema(folder: Path, world: int, shapes: dict[str, torch.Size]) -> dict[
         flat = torch.cat([p[name].flatten() for p in parts])
         full[name] = flat[: math.prod(shape)].view(shape).clone()
     return full
+
+
+def _saved_buffer_dtypes(model: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 casts every floating buffer to fp32; a float64 buffer (e.g. a
+    fitted quantile transform) would lose precision. The buffers are saved whole, at their own
+    dtype, in the model-states file: take them from there."""
+    states = sorted(folder.glob("*model_states.pt"))
+    if not states:
+        return model
+    saved = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
+    for name in saved.get("buffer_names", []):
+        if name in model and name in saved["module"]:
+            model[name] = saved["module"][name].clone()
+    return model
 
 
 def _with_buffers(ema: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -359,7 +359,7 @@ class Trainer:
             eval_model = self.ema.shadow if self.ema is not None else self.engine.module
             was_training = eval_model.training
             eval_model.eval()
-            with isolated_rng(), torch.no_grad(), self.autocast:
+            with isolated_rng(), torch.no_grad(), self.autocast, self.engine.evaluation(eval_model):
                 result = self.job.evaluate(eval_model, self.step)
             eval_model.train(was_training)
         if self.main:

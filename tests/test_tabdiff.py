@@ -277,3 +277,25 @@ def test_bad_tables_are_refused_before_training(tmp_path, tables):
     done = scaleyard("run", "tabdiff", "--preset", "tiny", f"data.path={tmp_path}/plain", f"run.dir={tmp_path}/r")
     assert done.returncode == 2 and "no table schema" in done.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sample_reads_a_zero3_run(tmp_path, tables):
+    """`scaleyard sample` on a DeepSpeed ZeRO-3 run of 2 ranks (its weights exist only as
+    partitions) goes through the loader every command shares, EMA included."""
+    pytest.importorskip("deepspeed")
+    from scaleyard.platform.checkpoint import weights_sha256
+    from scaleyard.platform.export import export
+    from scaleyard.platform.weights import load_run_weights
+
+    run_dir = tmp_path / "zero3"
+    done = scaleyard(*run_args(tables / "numeric", run_dir, "train.steps=4", "train.ema_decay=0.9",
+                               "engine.name=deepspeed", "engine.zero_stage=3", "--nproc", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "rows.csv"
+    sampled = scaleyard("sample", str(run_dir), "--rows", "50", "--out", str(out))
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert json.loads(sampled.stdout.splitlines()[-1])["ema"] is True
+    assert len(pd.read_csv(out)) == 50
+    loaded = load_run_weights(run_dir, ema=False)
+    _, digest = export(run_dir, out=tmp_path / "w.safetensors")
+    assert weights_sha256(loaded.weights) == digest == summary(run_dir)["weights_sha256"]

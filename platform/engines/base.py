@@ -76,6 +76,10 @@ class Engine:
             assert self.module is not None
             apply_activation_checkpointing(self.module, blocks)
 
+    def evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Entered around `Job.evaluate(model)`; engines that partition parameters may gather them."""
+        return contextlib.nullcontext()
+
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> nn.Module:
         """Returns the module `train_step` calls (engines that need the optimizer to finish
         wrapping, like DeepSpeed, do it here)."""

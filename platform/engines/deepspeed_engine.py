@@ -210,6 +210,18 @@ class DeepSpeedEngine(DDPEngine):
         self._ema_copy = None
         return ema
 
+    def evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """ZeRO-3 fetches a partitioned parameter only inside its module's forward; evaluation code
+        often reads parameters elsewhere (a sampler's learned schedule, an embedding table), where
+        it would see empty tensors. So the whole model is gathered for the evaluation: one full copy
+        per rank while it runs, which is what DDP holds all the time. engine.gather_params_for_eval=false
+        keeps the partitions (for models that do not fit whole and evaluate through forward only)."""
+        if not self.sharded_params or not self.cfg.engine.gather_params_for_eval:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
     # --- one step -----------------------------------------------------------------------------
     def accumulating(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed defers or buckets the reduction itself
