@@ -10,13 +10,11 @@ two baselines, imputation AUC of the target; report.md at the end) -> `scaleyard
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -135,21 +133,8 @@ class TabDiffJob(Job):
         loss, metrics = model(batch["numeric"].to(device), batch["categorical"].to(device), num_weight)
         return loss, {**metrics, "num_weight": num_weight}
 
-    def evaluate(self, model: nn.Module, step: int) -> EvalResult:
-        # Evaluation draws only from its own generators and restores the global ones, so a run
-        # that evaluates (or not) at some step trains on with the same randomness: exact resume.
-        states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        try:
-            return self._evaluate(model, step)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-
-    def _evaluate(self, model: TabDiff, step: int) -> EvalResult:
+    def evaluate(self, model: TabDiff, step: int) -> EvalResult:
+        # the Trainer isolates every RNG around evaluation, so sampling here never changes training
         cfg, schema, device = self.cfg, self.schema, self.ctx.device
         started = time.perf_counter()
         test_num, test_cat = self._test_split()
