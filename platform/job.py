@@ -223,11 +223,13 @@ def _scan() -> dict[str, Registered]:
     package = importlib.import_module("scaleyard.jobs")
     for info in pkgutil.iter_modules(package.__path__):
         module_name = f"scaleyard.jobs.{info.name}.job"
-        if not info.ispkg or importlib.util.find_spec(module_name) is None:
+        if not info.ispkg:
             continue
         try:
+            if importlib.util.find_spec(module_name) is None:  # a package without job.py: no job here
+                continue
             module = importlib.import_module(module_name)
-        except Exception as err:  # any import failure: skip this job, keep the others
+        except Exception as err:  # any import failure (of the package or its job.py): skip it, keep the others
             _warn(f"skipped built-in job module {module_name}: {type(err).__name__}: {err}")
             continue
         job = getattr(module, "JOB", None)

@@ -103,6 +103,8 @@ def test_broken_builtin_job_module_is_skipped(tmp_path, capsys):
     (tmp_path / "half_installed").mkdir()
     (tmp_path / "half_installed" / "__init__.py").write_text("")
     (tmp_path / "half_installed" / "job.py").write_text("import not_installed_anywhere\n")
+    (tmp_path / "broken_init").mkdir()
+    (tmp_path / "broken_init" / "__init__.py").write_text("raise RuntimeError('boom at import')\n")
     jobs_path = importlib.import_module("scaleyard.jobs").__path__
     jobs_path.append(str(tmp_path))  # the namespace package's own list: one more folder of built-ins
     try:
@@ -110,9 +112,10 @@ def test_broken_builtin_job_module_is_skipped(tmp_path, capsys):
     finally:
         jobs_path._path.remove(str(tmp_path))
         registered(refresh=True)
-    assert "classify" in found and "half_installed" not in found
+    assert "classify" in found and "half_installed" not in found and "broken_init" not in found
     err = capsys.readouterr().err
     assert "scaleyard.jobs.half_installed.job" in err and "not_installed_anywhere" in err
+    assert "scaleyard.jobs.broken_init.job: RuntimeError: boom at import" in err
 
 
 def test_registry_is_scanned_once_per_process(monkeypatch):
