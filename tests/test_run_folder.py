@@ -90,9 +90,9 @@ def test_auto_lanes_fit_any_world_size_and_are_recorded(tmp_path, classify_args)
 
     assert lanes() == 16
     # 32 = the shipped example-gpu profile (4 nodes x 8 GPUs), which the old fixed 16 lanes refused
-    assert lanes("--nproc", "24") == 48 and lanes("--nproc", "32") == 32
+    assert lanes("--nproc", "24", "train.batch_size=96") == 48 and lanes("--nproc", "32") == 32
     # a run records the lanes it chose; resuming on a world size that does not divide them says which do
-    args = [a for a in classify_args if not a.startswith("data.lanes")]
+    args = [a for a in classify_args if not a.startswith("data.lanes")] + ["data.lanes=0"]  # the preset sets 4
     run_dir = tmp_path / "run"
     assert run(args, run_dir, "train.steps=2").returncode == 0
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["lanes"] == 16
