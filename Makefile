@@ -48,6 +48,7 @@ test: install system-deps
 bench: install system-deps $(DATA)
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/dataset_stream_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache
