@@ -86,8 +86,9 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
         check_batch(cfg, data_world)
         shape = job_cls.memory_shape(cfg) if cfg.train.activation_checkpointing else None
         if shape is not None and not shape.stacks:
-            raise ConfigError(f"config key 'train.activation_checkpointing': job {job_name}'s model has no "
-                              "transformer blocks to recompute; turn it off")
+            raise ConfigError(f"config key 'train.activation_checkpointing': job {job_name}'s memory_shape lists no "
+                              "repeated blocks to recompute; turn it off (a job whose model has such blocks declares "
+                              "them in JobParts.blocks and lists them as stacks in memory_shape)")
     job = job_cls()
     job.check(cfg, world_size)
     if not cfg.run.dir:
