@@ -93,7 +93,7 @@ def test_model_without_blocks_is_refused_before_running(classify_args, tmp_path)
     done = scaleyard("run", "classify", "--preset", "tiny", *classify_args, f"run.dir={run_dir}",
                      "train.activation_checkpointing=true")
     assert done.returncode == 2
-    assert "'train.activation_checkpointing': job classify's model has no transformer blocks" in done.stderr
+    assert "'train.activation_checkpointing': job classify's memory_shape lists no repeated blocks" in done.stderr
     assert not run_dir.exists()
 
 
