@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaleyard.platform.config import ConfigError
-from scaleyard.platform.launch import Prepared, check_run_dir, prepare, write_config
 from scaleyard.platform.launcher import Launcher, RunRequest
 from scaleyard.platform.run_record import (
     COMPLETED,
@@ -29,6 +28,9 @@ from scaleyard.platform.run_record import (
     metric_of,
 )  # fmt: skip
 from scaleyard.platform.sweep_spec import SweepSpec, render
+
+if TYPE_CHECKING:  # launch imports torch: `status` reads sweeps without it
+    from scaleyard.platform.launch import Prepared
 
 MANIFEST = "manifest.json"
 SPEC_FILE = "spec.yaml"
@@ -70,6 +72,8 @@ def _slug(value: Any) -> str:
 def expand(spec: SweepSpec, sweep_dir: Path, world_size: int = 1, gpu_memory_gb: float | None = None,
            runs_here: bool = True) -> list[PlannedRun]:
     """Every run of the sweep, validated (config, steps from budgets) before anything is queued."""
+    from scaleyard.platform.launch import prepare
+
     points: list[tuple[str, list[str], dict[str, Any]]] = []
     if spec.grid:
         keys = sorted(spec.grid)  # sorted: folder names stay those of sweeps started before
@@ -114,6 +118,8 @@ def launch(spec: SweepSpec, sweep_dir: Path, launcher: Launcher,
            on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
     """Check every run, record the sweep, and hand the runs that are neither finished nor queued to
     the launcher as one array."""
+    from scaleyard.platform.launch import check_run_dir, write_config
+
     manifest_file = sweep_dir / MANIFEST
     if manifest_file.exists() and not _same_spec(json.loads(manifest_file.read_text())["spec"], spec):
         raise ConfigError(f"{sweep_dir} holds a different sweep ({MANIFEST}); use another folder (--dir)")

@@ -21,7 +21,7 @@ def cluster():
         pytest.fail("no SLURM cluster answers: `make test` starts one (or run `bash slurm/cluster/start.sh`)")
 
 
-ENDED = ("COMPLETED", "FINISHED", "FAILED", "CANCELLED", "TIMEOUT")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 
 def wait_done(run_dir: Path, timeout: float, states=ENDED) -> dict:
@@ -111,7 +111,8 @@ def test_local_executor_array_respects_concurrency(tmp_path, fmnist):
              for i in range(3)]
     submit_array(tasks, "local", load_profile("local"), "sy-local", tmp_path / "submitit", concurrency=2)
     for i in range(3):
-        assert wait_done(tmp_path / f"r{i}", 120)["state"] in ("FINISHED", "COMPLETED", "DONE")
+        row = wait_done(tmp_path / f"r{i}", 120)
+        assert row["state"] == "COMPLETED" and row["job_id"] == "", row  # SLURM's word; no pid as a job id
     starts = sorted(json.loads((tmp_path / f"r{i}" / "attempts.jsonl").read_text())["time"] for i in range(3))
     finished_first_wave = min((tmp_path / f"r{i}" / "summary.json").stat().st_mtime for i in range(2))
     assert starts[2] >= finished_first_wave - 1  # the third run waited for the first wave
@@ -172,3 +173,22 @@ def test_cancel(tmp_path, fmnist):
     done = scaleyard("cancel", str(run_dir))
     assert done.returncode == 0 and job_id(run_dir) in done.stdout
     assert wait_done(run_dir, 60)["state"].startswith("CANCELLED")
+
+
+def test_command_line_sweep_on_slurm_reports_the_failed_run_and_why(tmp_path, fmnist):
+    sweep_dir = tmp_path / "sweep"
+    good, bad = f"{fmnist}/train", str(tmp_path / "no-such-data")
+    done = scaleyard("sweep", "classify", "--preset", "tiny", f"data.path={good},{bad}",
+                     f"data.eval_path={fmnist}/test", "train.steps=4", "--cluster", "slurm", "--dir", str(sweep_dir),
+                     "--wait", timeout=240)
+    assert done.returncode == 1, done.stdout + done.stderr  # not every run completed
+    assert "1/2 completed, 0 running, 1 failed" in done.stdout, done.stdout
+    rows = {Path(r["run"]).name: r for r in json.loads(scaleyard("status", str(sweep_dir), "--json").stdout)}
+    failed = next(row for name, row in rows.items() if "no-such-data" in name)
+    completed = next(row for name, row in rows.items() if "no-such-data" not in name)
+    assert completed["state"] == "COMPLETED" and completed["best"] and "_" in completed["job_id"]  # an array task
+    assert failed["state"] == "FAILED" and "DataError" in failed["reason"] and "no-such-data" in failed["reason"]
+    run_dir = Path(failed["run"])
+    assert "Traceback" in (run_dir / "logs" / "rank0.log").read_text()  # submitted runs keep a log too
+    logs = scaleyard("logs", str(run_dir))
+    assert logs.returncode == 0 and "no-such-data" in logs.stdout + logs.stderr
