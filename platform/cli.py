@@ -185,15 +185,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from scaleyard.models.diffusion_transformer import count_parameters, flops_per_sample
-    from scaleyard.models.presets import presets
+    from scaleyard.platform.job import get_job, registry
+    from scaleyard.platform.presets_report import format_rows
 
-    print(f"{'preset':22s} {'params':>15s} {'width':>6s} {'depth':>6s} {'heads':>6s} {'tokens':>7s} "
-          f"{'train FLOPs/sample':>19s}")
-    for name, cfg in presets().items():
-        print(f"{name:22s} {count_parameters(cfg):>15,d} {cfg.width:>6d} {cfg.depth:>6d} {cfg.heads:>6d} "
-              f"{cfg.image_tokens:>7d} {flops_per_sample(cfg):>19.4g}")
-    return 0
+    jobs = {args.job: get_job(args.job)} if args.job else dict(sorted(registry().items()))
+    failed = False
+    for name, job in jobs.items():
+        try:
+            rows = job.model_presets()
+        except Exception as err:  # one job's broken hook must not hide the others
+            print(f"error: job {name}: model_presets() failed: {type(err).__name__}: {err}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{name}: {len(rows)} model preset{'s' if len(rows) != 1 else ''}")
+        print("\n".join(format_rows(rows)) if rows else "  (none declared: Job.model_presets)")
+        print()
+    return 1 if failed else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -351,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(func=cmd_logs)
 
-    sub.add_parser("models", help="model presets with exact parameter counts and FLOPs").set_defaults(func=cmd_models)
+    models = sub.add_parser("models", help="every job's model presets with exact parameter counts and FLOPs")
+    models.add_argument("job", nargs="?", default=None, help="only this job's presets")
+    models.set_defaults(func=cmd_models)
     exp = sub.add_parser("export", help="consolidate a run's checkpoint (any engine) into one weights file")
     exp.add_argument("run")
     exp.add_argument("--format", default="safetensors", help="safetensors")

@@ -147,8 +147,46 @@ class Job:
     @staticmethod
     def memory_shape(cfg: DictConfig) -> ModelShape | None:
         """The model's memory-relevant shape for the planner (platform/planner.py): parameter
-        counts and its transformer stacks. None: unknown, so `engine=auto` stays single/ddp."""
+        counts and its transformer stacks (language models: `planner.causal_lm_shape`). None:
+        unknown; the planner then measures the model through `build_for_planning`."""
         return None
+
+    def build_for_planning(self, cfg: DictConfig, ctx: Context, batch_size: int) -> JobParts | None:
+        """Optional, for jobs without a `memory_shape`: lets `engine.name=auto` size the job on
+        GPUs by measuring one forward/backward of its model (platform/planner_measure.py). Return
+        the JobParts `build` would (at least `model`; `frozen` and `blocks` if it has them), with
+        `train_data` a list holding one micro-batch of `batch_size` samples shaped like real ones
+        (random values are fine), and without reading the data. The planner then calls
+        `train_step(model, batch)` once, so set here what `train_step` reads, as `build` does.
+        It runs on fake CPU tensors (no memory or arithmetic), so building an 8B model is free.
+        A typical implementation:
+
+            self.cfg, self.ctx = cfg, ctx
+            images = torch.randn(batch_size, 1, 28, 28)
+            labels = torch.randint(0, 10, (batch_size,))
+            return JobParts(model=Net(model_config(cfg)), train_data=[{"image": images, "label": labels}])
+
+        None (the default): not implemented; with no `memory_shape` either, `engine.name=auto`
+        on GPUs is a config error naming this job."""
+        return None
+
+    @classmethod
+    def model_presets(cls) -> list[dict[str, Any]]:
+        """Rows for `scaleyard models`: one dict per model size the job offers, with `name`,
+        `use` (how to pick it, e.g. "model.preset=dit_adaln-1B" or "--preset tiny"), `params`
+        (exact trainable parameters; None when unknown here) and `flops_per_sample` (training
+        FLOPs of one sample, forward + backward; None when unknown); further keys (width, depth,
+        tokens, note) print as more columns. Default: one row per YAML preset, from
+        `memory_shape` and `flops_per_sample` of its config."""
+        from scaleyard.platform.config import resolve
+
+        rows = []
+        for name in cls.presets():
+            cfg = resolve(cls.Config, [cls.presets_dir() / f"{name}.yaml"], [])
+            shape = cls.memory_shape(cfg)
+            rows.append({"name": name, "use": f"--preset {name}", "params": shape.trainable if shape else None,
+                         "flops_per_sample": cls.flops_per_sample(cfg) or None})
+        return rows
 
     def state_dict(self) -> dict[str, Any]:
         return {}

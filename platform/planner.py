@@ -7,25 +7,21 @@ Sources of the formulas (each function says which it follows):
   momentum, variance). Stage 1 (P_os) divides the optimizer states by the data-parallel degree
   N_d, stage 2 (P_os+g) also the gradients, stage 3 (P_os+g+p) also the parameters. In fp32 there
   is no master copy: 4Ψ + 4Ψ + 8Ψ.
-- Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-  Models", Section 4: s·h·(34 + 5·a·s/h) bytes per layer and sample in 16-bit, of which 10·s·h
-  (layer-norm and dropout inputs) stay whole under tensor parallelism without sequence
-  parallelism and the rest divides by t. Our blocks use PyTorch's scaled_dot_product_attention
-  (flash / memory-efficient kernels, on CPU too), which never stores the a·s² score matrices, so
-  that term is dropped; they have no dropout (its masks drop out); and they store a few tensors
-  the GPT layer of the paper does not (q/k norms, adaLN modulation and gates, cross-attention):
-  `layer_activations` counts each one.
+- Activations: Korthikanti et al. 2022 and what our models keep, per layer (DiT, U-ViT,
+  Llama-style language models with their [tokens x vocab] logits): platform/planner_shapes.py.
 - Activation checkpointing keeps each layer's input (s·h elements) and recomputes one layer at a
   time in backward (Korthikanti et al., Section 5, "full recomputation").
 - Offload: Ren et al. 2021, "ZeRO-Offload": gradients and optimizer states go to CPU memory and
   the optimizer steps there; with ZeRO-3 parameter offload (ZeRO-Infinity) the parameters too.
-- Under bf16/fp16 autocast (the trainer's, for every engine) layer norms run in fp32, so the
-  residual stream they read is stored in fp32: `autocast_fp32` adds those bytes.
+- A job that declares no shape is measured (platform/planner_measure.py): one forward/backward of
+  its model on fake CPU tensors (no memory, no compute) under torch's MemTracker.
 
 Checked against the CPU allocator (tests/test_planner.py): for the CPU-ladder t2i models in fp32
 the estimate of parameters + gradients + AdamW states + activations is within 4% of the measured
 peak of a training step and the activations alone within 10%, with and without activation
-checkpointing; under bf16 autocast the activations are within 4%. GPU peaks are not yet checked.
+checkpointing; under bf16 autocast the activations are within 4%. For a tiny Hugging Face
+LlamaForCausalLM (GQA, tied and untied embeddings) the same holds within 4% (activations within
+5%), and the measured path of a job without a shape within 2%. GPU peaks are not yet checked.
 
 Engines are the platform's (platform/engines): `single`/`ddp` train fp32 weights under bf16
 autocast (16 bytes/param: fp32 weights, grads, Adam m and v); `deepspeed` holds 16-bit weights
@@ -48,6 +44,17 @@ from omegaconf import DictConfig
 
 from scaleyard.platform.config import ConfigError
 from scaleyard.platform.metrics import PEAK_TFLOPS
+from scaleyard.platform.planner_shapes import (  # noqa: F401 (re-exported: jobs and tests use planner.X)
+    BlockStack,
+    MeasuredActivations,
+    ModelShape,
+    autocast_fp32,
+    causal_lm_shape,
+    causal_lm_shape_from_config,
+    layer_activations,
+    logits_bytes,
+    stack_activations,
+)
 
 if TYPE_CHECKING:
     from scaleyard.platform.job import Job
@@ -67,50 +74,6 @@ ASSUMED_MFU = 0.40
 MIN_TOKENS_PER_MICRO = 4096
 DS_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size
 GPUS_PER_NODE = 8
-
-
-@dataclass(frozen=True)
-class BlockStack:
-    """A stack of identical transformer layers, as far as memory is concerned.
-
-    tokens: sequence length of one sample (U-ViT: time + text + image tokens).
-    parameters: trainable parameters inside these layers (what tensor parallelism divides).
-    context_tokens: keys/values of a cross-attention per layer (DiT-cross: text tokens); 0 = none.
-    skip_layers: layers that concatenate a long skip before their first matmul (U-ViT out-blocks).
-    tensor_parallel: megatron shards this stack (the denoiser), or leaves it whole (a small text encoder).
-    """
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    tokens: int
-    parameters: int = 0
-    mlp_ratio: float = 4.0
-    adaln: bool = False
-    qk_norm: bool = True
-    context_tokens: int = 0
-    skip_layers: int = 0
-    tensor_parallel: bool = True
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What a job tells the planner about its model (`Job.memory_shape`).
-
-    parameters = trainable + frozen. other_activations: elements per sample stored outside the
-    stacks (inputs, embeddings, output head, loss), counted once.
-    """
-
-    parameters: int
-    trainable: int
-    frozen: int = 0
-    stacks: tuple[BlockStack, ...] = ()
-    other_activations: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return max((s.tokens for s in self.stacks), default=0)
 
 
 @dataclass(frozen=True)
@@ -217,61 +180,38 @@ def state_bytes(engine: str, precision: str) -> tuple[float, float, float]:
     return 4, 4, 8  # fp32 weights (under autocast in 16-bit runs) and grads, Adam m and v
 
 
-# --- activations (Korthikanti et al. 2022) ----------------------------------------------------
-
-
-def layer_activations(stack: BlockStack) -> tuple[float, float]:
-    """Elements stored for backward by one layer, per token and hidden unit: (whole under tensor
-    parallelism, divided by it). Korthikanti et al.'s 34 bytes = 17 16-bit elements, less two
-    dropout masks, is 4 + (4 + 2r): layer-norm inputs and the inputs of the QKV and fc1 matmuls
-    stay whole; q, k, v, the attention output and the MLP's 2r divide."""
-    whole, split = 4.0, 4.0 + 2 * stack.mlp_ratio
-    split += 1  # SDPA keeps its output for backward and the projection keeps a re-laid-out copy
-    if stack.qk_norm:
-        split += 2  # normalised q and k beside the raw qkv output
-    if stack.adaln:
-        whole += 4  # adaLN-Zero: each modulation keeps the norm output, each gate its branch output
-    if stack.context_tokens:
-        whole += 2  # the cross-attention's layer-norm input and output
-        split += 4 + 3 * stack.context_tokens / stack.tokens  # q, normed q, output, copy; k, v, normed k
-    return whole, split
-
-
-def autocast_fp32(stack: BlockStack) -> float:
-    """Of the `whole` elements, those autocast keeps in fp32 in a 16-bit run (per token and hidden
-    unit): layer norm runs in fp32, so the residual stream it reads stays fp32, and so do the norm
-    outputs that adaLN's elementwise modulation keeps. Measured on CPU bf16 autocast, Korthikanti
-    et al.'s all-16-bit count is 7-17% low for our blocks without this."""
-    return 2 + (2 if stack.adaln else 0) + (1 if stack.context_tokens else 0)
-
-
-def stack_activations(stack: BlockStack, precision: str, tp: int = 1, sequence_parallel: bool = False,
-                      checkpointing: bool = False) -> tuple[float, float]:
-    """(kept through the step, live only while one layer is recomputed) bytes per sample. With
-    checkpointing only each layer's input stays (s·h); without, every layer's activations."""
-    element = 4 if precision == "fp32" else 2
-    upcast = autocast_fp32(stack) * (4 - element)  # extra bytes of the fp32 elements of a 16-bit run
-    tokens_hidden = stack.tokens * stack.hidden
-    whole, split = layer_activations(stack) if stack.tensor_parallel else (sum(layer_activations(stack)), 0.0)
-    t = tp if stack.tensor_parallel else 1
-    t_whole = t if sequence_parallel else 1  # sequence parallelism shards the norms' inputs too
-    per_layer = ((whole * element + upcast) / t_whole + split * element / t) * tokens_hidden
-    if not checkpointing:
-        skips = stack.skip_layers * 2 * tokens_hidden * element / t_whole  # U-ViT's [x, skip] concatenation
-        return stack.layers * per_layer + skips, 0.0
-    kept = stack.layers * tokens_hidden * 4 / t_whole  # each layer's input: the residual stream, fp32 under autocast
-    # the recomputed layer plus the gradients flowing through it (two residual-stream tensors, measured)
-    return kept, per_layer + 2 * tokens_hidden * element
+# --- activations of one candidate (formulas: planner_shapes.py) ------------------------------
 
 
 def activation_bytes_per_sample(shape: ModelShape, cand: Candidate, precision: str) -> float:
-    """Activation bytes per sample at the peak of forward+backward: all kept activations plus,
-    with checkpointing, the largest single layer being recomputed."""
+    """Activation bytes per sample at the peak of forward+backward: the layers' kept activations
+    plus the larger of two moments, the start of backward (the logits' fp32 log-softmax and its
+    gradients) and, with checkpointing, the largest single layer being recomputed (by then the
+    loss's tensors are freed). A measured shape (`ModelShape.measured`) gives its measurement,
+    scaled by element size if measured at another precision."""
+    if shape.measured is not None:
+        measured = shape.measured
+        per_sample = measured.checkpointed_per_sample if cand.activation_checkpointing else measured.per_sample
+        return (per_sample or 0.0) * _element(precision) / _element(measured.precision)
     kept = recompute = 0.0
     for stack in shape.stacks:
         k, r = stack_activations(stack, precision, cand.tp_size, cand.sequence_parallel, cand.activation_checkpointing)
         kept, recompute = kept + k, max(recompute, r)
-    return kept + recompute + shape.other_activations * (4 if precision == "fp32" else 2)
+    logits_kept, logits_transient = logits_bytes(shape, cand.tp_size)
+    return kept + max(logits_kept + logits_transient, recompute) + shape.other_activations * _element(precision)
+
+
+def activation_fixed_bytes(shape: ModelShape, cand: Candidate, precision: str) -> float:
+    """Activation bytes that do not grow with the micro-batch (only measured shapes have them)."""
+    measured = shape.measured
+    if measured is None:
+        return 0.0
+    fixed = measured.checkpointed_fixed if cand.activation_checkpointing else measured.fixed
+    return fixed * _element(precision) / _element(measured.precision)
+
+
+def _element(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
 
 
 # --- per-GPU memory of one candidate ----------------------------------------------------------
@@ -283,6 +223,8 @@ def estimate(shape: ModelShape, cand: Candidate, gpus: int, micro_batch: int, pr
     tp = cand.tp_size
     dp = max(1, gpus // tp)
     sharded = sum(s.parameters for s in shape.stacks if s.tensor_parallel) if tp > 1 else 0
+    if tp > 1 and shape.vocab_parallel:
+        sharded += shape.embedding_parameters
     psi = shape.trainable - sharded + sharded / tp  # trainable parameters this rank holds
     p_bytes, g_bytes, o_bytes = state_bytes(cand.engine, precision)
     stage = cand.zero_stage if cand.engine == "deepspeed" else 0
@@ -297,7 +239,8 @@ def estimate(shape: ModelShape, cand: Candidate, gpus: int, micro_batch: int, pr
         mem.host += mem.params + mem.ema
         mem.params = mem.ema = 0.0
     mem.buffers = engine_buffers(shape, cand, psi, precision, stage, deepspeed or {})
-    mem.activations = micro_batch * activation_bytes_per_sample(shape, cand, precision)
+    mem.activations = (micro_batch * activation_bytes_per_sample(shape, cand, precision)
+                       + activation_fixed_bytes(shape, cand, precision))
     return mem
 
 
@@ -317,7 +260,10 @@ def engine_buffers(shape: ModelShape, cand: Candidate, psi: float, precision: st
                           for key in ("reduce_bucket_size", "allgather_bucket_size"))
             out += buckets * grad_bytes
         elif stage == 3:  # gathered full parameters of the running and the prefetched layer, one layer's grads
-            layer = max((s.parameters / s.layers for s in shape.stacks if s.layers), default=min(psi, 5e7))
+            # the largest module gathered at once: a layer, or a language model's embedding matrix
+            modules = [s.parameters / s.layers for s in shape.stacks if s.layers]
+            modules += [shape.embedding_parameters] if shape.embedding_parameters else []
+            layer = max(modules, default=min(psi, 5e7))
             out += layer * (2 * grad_bytes + grad_bytes)
     return out
 
@@ -331,7 +277,8 @@ def block_flops_per_sample(shape: ModelShape) -> float:
     macs = 0.0
     for s in shape.stacks:
         h, n = s.hidden, s.tokens
-        per_token = (4 + 2 * s.mlp_ratio) * h * h + 2 * n * h
+        mlp_matrices = 3 if s.gated_mlp else 2
+        per_token = (2 + 2 * s.kv_share + mlp_matrices * s.mlp_share) * h * h + 2 * n * h
         if s.context_tokens:
             per_token += 2 * h * h + 2 * s.context_tokens * h + 2 * h * h * s.context_tokens / n
         layer = n * per_token + (6 * h * h if s.adaln else 0)
@@ -360,7 +307,7 @@ def candidates(shape: ModelShape, cfg: DictConfig, gpus: int, gpus_per_node: int
     replace = dataclasses.replace
     base = [Candidate("single")] if gpus == 1 else [Candidate("ddp"), *(Candidate("deepspeed", s) for s in (1, 2, 3))]
     out = [*base, *(replace(c, activation_checkpointing=True) for c in base)]
-    heads = [s.heads for s in shape.stacks if s.tensor_parallel]
+    heads = [h for s in shape.stacks if s.tensor_parallel for h in (s.heads, s.kv_heads or s.heads)]
     for tp in (2, 4, 8):
         if heads and tp <= min(gpus, gpus_per_node) and gpus % tp == 0 and all(h % tp == 0 for h in heads):
             # without sequence parallelism: the megatron engine refuses it (it needs TE/apex norms)
@@ -371,7 +318,7 @@ def candidates(shape: ModelShape, cfg: DictConfig, gpus: int, gpus_per_node: int
         out += [off, replace(off, activation_checkpointing=True)]
     if cfg.train.precision == "fp16":  # loss scaling: DeepSpeed only (engines.check_engine)
         out = [c for c in out if c.engine == "deepspeed"]
-    if not shape.stacks:  # nothing to checkpoint
+    if not shape.checkpointable:  # nothing to checkpoint
         out = [c for c in out if not c.activation_checkpointing]
     elif cfg.train.activation_checkpointing:  # the user asked for it
         out = [c for c in out if c.activation_checkpointing]
@@ -399,6 +346,18 @@ def _report(shape: ModelShape, cand: Candidate, cfg: DictConfig, gpus: int, budg
                            f"needs {mem(1).total / GB:.1f} GB at micro-batch 1")
 
 
+def job_shape(job_cls: type[Job], cfg: DictConfig) -> ModelShape:
+    """The job's declared `memory_shape`, else one measured from its `build_for_planning`
+    model (platform/planner_measure.py); ConfigError naming the job and both hooks when it has
+    neither."""
+    shape = job_cls.memory_shape(cfg)
+    if shape is not None:
+        return shape
+    from scaleyard.platform.planner_measure import measure_shape
+
+    return measure_shape(job_cls, cfg)
+
+
 def recommend(job_cls: type[Job], cfg: DictConfig, gpus: int, gpu_memory_gb: float, *, gpu: str = "H100",
               gpus_per_node: int = GPUS_PER_NODE, headroom: float = HEADROOM) -> Plan:
     """The cheapest option that fits `gpus` GPUs of `gpu_memory_gb` GB each with `headroom`, at the
@@ -406,12 +365,9 @@ def recommend(job_cls: type[Job], cfg: DictConfig, gpus: int, gpu_memory_gb: flo
     grad_accum). An option is taken when its micro-batch reaches MIN_TOKENS_PER_MICRO tokens (or
     the whole per-replica batch); if none does, the one with the largest micro-batch. Raises
     ConfigError naming the smallest memory needed when nothing fits."""
-    shape = job_cls.memory_shape(cfg)
-    if shape is None:
-        raise ConfigError(f"job {job_cls.name!r} does not describe its model (Job.memory_shape): "
-                          f"the planner cannot size it; set engine.name explicitly")
     if gpus < 1 or gpu_memory_gb <= 0:
         raise ConfigError(f"plan: need at least one GPU with memory > 0 (got {gpus} GPUs of {gpu_memory_gb} GB)")
+    shape = job_shape(job_cls, cfg)
     budget = gpu_memory_gb * GB * (1 - headroom)
     reports = [_report(shape, c, cfg, gpus, budget) for c in candidates(shape, cfg, gpus, gpus_per_node)]
     fitting = [r for r in reports if r.max_micro_batch]
@@ -463,7 +419,9 @@ def _plan(job_cls: type[Job], cfg: DictConfig, shape: ModelShape, gpus: int, gpu
     if lanes and lanes % dp:
         reasons.append(f"also set data.lanes={math.lcm(lanes, dp)}: the {lanes} reader lanes must split evenly over "
                        f"the {dp} data-parallel replicas")
-    if not shape.stacks:
+    if shape.measured is not None:
+        reasons.append(f"activations {shape.measured.how}: {chosen.activations_per_sample / GB:.3g} GB per sample")
+    elif not shape.stacks and not shape.logits:
         reasons.append(f"activations not modelled: job {job_cls.name!r} declares no transformer stacks "
                        f"(Job.memory_shape), so the micro-batch is limited by model states only")
     if not efficient:
@@ -516,11 +474,14 @@ def overrides(plan: Plan) -> list[str]:
 
 def resolve_auto(job_cls: type[Job], cfg: DictConfig, world_size: int, gpu_memory_gb: float | None) -> dict[str, Any]:
     """What `engine.name=auto` becomes, as {dotted key: value} to merge into the config before
-    anything is built. With no GPU memory known (CPU runs) or a job that does not describe its
-    model: single for one process, ddp for several, as before the planner. On GPUs: the planner's
-    recommendation (engine, ZeRO stage / TP size, offload, grad_accum, activation checkpointing);
-    raises ConfigError when nothing fits."""
-    if gpu_memory_gb is None or job_cls.memory_shape(cfg) is None:
+    anything is built. With no GPU memory known (CPU runs): single for one process, ddp for
+    several. On GPUs: the planner's recommendation (engine, ZeRO stage / TP size, offload,
+    grad_accum, activation checkpointing) for the job's declared or measured shape; raises
+    ConfigError when nothing fits, and when the job can be neither described nor measured:
+    refusing before anything is queued, as for any other impossible config, beats a run that
+    runs out of GPU memory after its wait in the queue, or wastes GPUs, on a silent DDP (the fix
+    is one override, engine.name=ddp, or one hook in the job)."""
+    if gpu_memory_gb is None:
         return {"engine.name": "ddp" if world_size > 1 else "single"}
     return dict(_override_items(recommend(job_cls, cfg, world_size, gpu_memory_gb)))
 

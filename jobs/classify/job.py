@@ -109,6 +109,20 @@ class Classify(Job):
             parameters = sum(p.numel() for p in ConvClassifier(model_config(cfg)).parameters())
         return ModelShape(parameters, parameters)
 
+    @classmethod
+    def model_presets(cls) -> list[dict]:
+        """`scaleyard models`: the network of each YAML preset (Fashion-MNIST's 1x28x28 images,
+        10 classes), with its exact parameters and training FLOPs per sample."""
+        from scaleyard.platform.config import resolve
+
+        rows = []
+        for name in cls.presets():
+            cfg = resolve(cls.Config, [cls.presets_dir() / f"{name}.yaml"], [])
+            rows.append({"name": name, "use": f"--preset {name}", "params": cls.memory_shape(cfg).trainable,
+                         "flops_per_sample": cls.flops_per_sample(cfg), "width": cfg.model.width,
+                         "hidden": cfg.model.hidden})
+        return rows
+
     def state_dict(self) -> dict:
         # The architecture travels with the weights, so other jobs can rebuild the network.
         return {"model_config": dataclasses.asdict(self.model_cfg)}

@@ -225,6 +225,17 @@ class TextToImageJob(Job):
         frozen = MINILM_FLOPS_PER_TOKEN // 2 if minilm else 0  # MiniLM's parameters (2 FLOPs each per token)
         return ModelShape(trainable + frozen, trainable, frozen, tuple(stacks), other)
 
+    @classmethod
+    def model_presets(cls) -> list[dict]:
+        """`scaleyard models`: the denoiser presets of models/presets.py (the CPU ladder and the
+        0.3B-8B paper ladder), with the denoiser's exact parameters (what scaling laws count; the
+        text encoder is the same at every size) and training FLOPs per sample."""
+        from scaleyard.models.presets import presets
+
+        return [{"name": name, "use": f"model.preset={name}", "params": count_parameters(d),
+                 "flops_per_sample": flops_per_sample(d), "width": d.width, "depth": d.depth, "heads": d.heads,
+                 "tokens": d.image_tokens} for name, d in presets().items()]
+
 
 def eval_stream(cfg: DictConfig, field: str, count: int, batch: int):
     """The first `count` samples of the eval split in a fixed order (image, caption, label)."""

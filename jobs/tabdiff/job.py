@@ -235,6 +235,40 @@ class TabDiffJob(Job):
             return 0.0  # no data here (e.g. planning a sweep elsewhere): unknown
         return flops_per_sample(model_config(cfg, schema))
 
+    @classmethod
+    def model_presets(cls) -> list[dict]:
+        """`scaleyard models`: each YAML preset's model for the table at its data.path (the
+        columns set the model's size), or no counts when that table is not built here."""
+        from scaleyard.platform.config import resolve
+
+        rows = []
+        for name in cls.presets():
+            cfg = resolve(cls.Config, [cls.presets_dir() / f"{name}.yaml"], [])
+            row = {"name": name, "use": f"--preset {name}", "params": None, "flops_per_sample": None,
+                   "d_token": cfg.model.d_token, "layers": cfg.model.layers, "dim_t": cfg.model.dim_t}
+            try:
+                config = model_config(cfg, schema_of(load_index(cfg.data.path)))
+            except (DataError, ConfigError):
+                rows.append({**row, "note": f"sizes need the table at {cfg.data.path} (scaleyard data build)"})
+                continue
+            with torch.device("meta"):
+                params = sum(p.numel() for p in TabDiff(config).parameters() if p.requires_grad)
+            rows.append({**row, "params": params, "flops_per_sample": flops_per_sample(config),
+                         "note": f"{config.columns} columns of {cfg.data.path}"})
+        return rows
+
+    def build_for_planning(self, cfg: DictConfig, ctx: Context, batch_size: int) -> JobParts:
+        """For the planner (engine.name=auto on GPUs): the model for the table at data.path (its
+        schema only) and one batch of random rows."""
+        self.cfg, self.ctx, self.micro_batches = cfg, ctx, 0
+        config = model_config(cfg, schema_of(load_index(cfg.data.path)))
+        model = TabDiff(config)
+        numeric = torch.randn(batch_size, config.num_numerical)
+        model.fit_preprocessing(numeric.double().numpy())  # any fitted transform has the same shapes
+        classes = torch.tensor(config.categories, dtype=torch.long)
+        categorical = torch.randint(0, 2**30, (batch_size, len(classes))) % classes
+        return JobParts(model=model, train_data=[{"numeric": numeric, "categorical": categorical}])
+
     def state_dict(self) -> dict[str, Any]:
         # the schema travels with the weights: `scaleyard sample` needs no access to the data
         return {"micro_batches": self.micro_batches, "schema": self.schema.to_state()}
