@@ -17,6 +17,10 @@ PROPERTIES = {
     "cv": "Heatcapacity_Cv_cal_mol_K",
 }  # fmt: skip
 TEST_EVERY = 10  # every 10th molecule (by QM9 index) is held out
+# `tfg_splits=True` (TFG-Flow): four disjoint parts by QM9 index % 10, so a molecule's part never
+# depends on --limit or on which other molecules exist. The flow model, its guidance predictor and
+# the oracle that scores guided samples must never see each other's molecules.
+TFG_SPLITS = {"heldout": (0,), "oracle": (1, 2, 3), "guide": (4, 5), "flow": (6, 7, 8, 9)}
 
 
 def read_table(limit: int | None):
@@ -37,16 +41,16 @@ def read_table(limit: int | None):
     return pd.concat(frames, ignore_index=True).sort_values("Index", kind="stable")
 
 
-def splits(limit: int | None = None, heavy_atoms_only: bool = False) -> list[Split]:
+def splits(limit: int | None = None, heavy_atoms_only: bool = False, tfg_splits: bool = False) -> list[Split]:
     table_cache: list = []
 
-    def rows(test: bool) -> Iterator[dict]:
+    def rows(remainders: tuple[int, ...]) -> Iterator[dict]:
         if not table_cache:
             table_cache.append(read_table(None if limit is None else (limit + 1) * TEST_EVERY))
         table = table_cache[0]
         written = 0
         for row in table.itertuples(index=False):
-            if (int(row.Index) % TEST_EVERY == 0) != test:
+            if int(row.Index) % TEST_EVERY not in remainders:
                 continue
             if limit is not None and written >= limit:
                 return
@@ -70,4 +74,10 @@ def splits(limit: int | None = None, heavy_atoms_only: bool = False) -> list[Spl
               "smiles.txt": "SMILES", "json": "properties: " + ",".join(PROPERTIES)}
     extra = {"properties": list(PROPERTIES), "heavy_atoms_only": heavy_atoms_only,
              "atom_types": ATOMIC_NUMBERS}
-    return [Split("train", lambda: rows(False), schema, extra), Split("test", lambda: rows(True), schema, extra)]
+    if tfg_splits:
+        rule = {name: f"QM9 index % {TEST_EVERY} in {list(rest)}" for name, rest in TFG_SPLITS.items()}
+        return [Split(name, lambda rest=rest: rows(rest), schema, {**extra, "split_rule": rule[name],
+                                                                   "tfg_splits": rule})
+                for name, rest in TFG_SPLITS.items()]
+    train = tuple(r for r in range(TEST_EVERY) if r != 0)
+    return [Split("train", lambda: rows(train), schema, extra), Split("test", lambda: rows((0,)), schema, extra)]
