@@ -132,7 +132,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if _claim_run_dir(prepared) == "finished":
         return 0
     submission = submit_run(task, args.cluster, profile, job_name)
-    print(f"submitted job {submission.job_id} to {args.cluster} ({profile.world_size} task(s)); run folder {run_dir}")
+    where = f"job {submission.job_id} to SLURM" if args.cluster == "slurm" else f"local process {submission.job_id}"
+    print(f"submitted {where} ({profile.world_size} task(s)); run folder {run_dir}")
     return 0
 
 
@@ -443,10 +444,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 2
     except Exception as err:  # the clear, named errors of the data and job layers
         from scaleyard.data_loaders.index import DataError
+        from scaleyard.platform.checkpoint_integrity import CheckpointError
         from scaleyard.platform.export import ExportError
         from scaleyard.platform.job import UnknownJobError
 
-        if isinstance(err, DataError | UnknownJobError | ValueError | FileNotFoundError | ExportError):
+        if isinstance(err, DataError | UnknownJobError | ValueError | FileNotFoundError | ExportError
+                      | CheckpointError):
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise
