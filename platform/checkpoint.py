@@ -3,8 +3,10 @@
 Layout: `<run>/checkpoints/step_00000100/` holds `train_state.pt` (model, optimizer, scheduler,
 EMA, job state, data position, step; written by rank 0 for replicated engines), one
 `rng_rank<R>.pt` per rank (+ `local_rank<R>.pt`, a rank's own state such as EMA partitions), the
-sharded engines' own files (e.g. `deepspeed/`), and `meta.json`, written last. Only folders named `step_*` with a
-`meta.json` count; a crash at any point leaves at most a `.tmp-*` folder, removed at start-up.
+sharded engines' own files (e.g. `deepspeed/`), and `meta.json`, written last, with the size and
+sha256 of every other file (platform/checkpoint_integrity.py verifies them before loading).
+Only folders named `step_*` with a `meta.json` count; a crash at any point leaves at most a
+`.tmp-*` folder, removed at start-up.
 Loading uses `torch.load(weights_only=True)`: no pickled code is ever executed.
 """
 
@@ -23,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from scaleyard.platform.checkpoint_integrity import collect_digests, safe_load, write_digests
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 # Fault injection for the crash-during-write tests: "SECONDS" or "SECONDS@STEP" to sleep between
@@ -79,10 +83,11 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 class Checkpointer:
-    def __init__(self, folder: Path, keep: int, rank: int = 0):
+    def __init__(self, folder: Path, keep: int, rank: int = 0, world: int = 1):
         self.folder = Path(folder)
         self.keep = keep
         self.rank = rank
+        self.world = world
 
     def all(self) -> list[CheckpointRef]:
         if not self.folder.exists():
@@ -125,11 +130,14 @@ class Checkpointer:
         if self.rank == 0 and train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
         engine.barrier()
+        write_digests(tmp, self.rank, self.world)
+        engine.barrier()
         if self.rank == 0:
+            files = collect_digests(tmp, self.world)
             pause = _injected_pause(step)
             if pause:
                 time.sleep(pause)
-            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta, "files": files}, indent=1))
             _fsync_dir(tmp)
             if final.exists():  # a re-save of the same step (e.g. final after periodic)
                 shutil.rmtree(final)
@@ -141,13 +149,13 @@ class Checkpointer:
         return final
 
     def load(self, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
-        state = torch.load(ref.path / "train_state.pt", map_location="cpu", weights_only=True)
+        state = safe_load(ref.path / "train_state.pt", map_location="cpu")
         rng_file = ref.path / f"rng_rank{self.rank}.pt"
         # A rank that did not exist when the checkpoint was written (world size grew) keeps its
         # fresh seed: the data order does not depend on it, only dropout-like randomness does.
-        rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+        rng = safe_load(rng_file) if rng_file.exists() else None
         local_file = ref.path / f"local_rank{self.rank}.pt"
-        local = torch.load(local_file, map_location="cpu", weights_only=True) if local_file.exists() else {}
+        local = safe_load(local_file, map_location="cpu") if local_file.exists() else {}
         return state, rng, local
 
 

@@ -11,14 +11,17 @@ Never overwrites: an existing output file is an error.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from scaleyard.platform.checkpoint import Checkpointer, CheckpointRef, weights_sha256
+from scaleyard.platform.checkpoint_integrity import safe_load, verify
 
 FORMATS = ("safetensors",)
+log = logging.getLogger("scaleyard")
 
 
 class ExportError(RuntimeError):
@@ -26,21 +29,32 @@ class ExportError(RuntimeError):
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> CheckpointRef:
+    """Checkpoint `step`, or the newest intact one (a damaged newer one is skipped with a
+    warning); every file is verified against the digests recorded when it was written."""
     found = Checkpointer(run_dir / "checkpoints", keep=1).all()
     if not found:
         raise ExportError(f"{run_dir} has no complete checkpoint (checkpoints/step_*/meta.json)")
-    if step is None:
-        return found[-1]
-    for ref in found:
-        if ref.step == step:
+    if step is not None:
+        chosen = [ref for ref in found if ref.step == step]
+        if not chosen:
+            raise ExportError(f"{run_dir} has no checkpoint at step {step}; "
+                              f"steps: {', '.join(str(r.step) for r in found)}")
+        problems = verify(chosen[0].path)
+        if problems:
+            raise ExportError(f"{chosen[0].path} is damaged or unsafe: {'; '.join(problems)}")
+        return chosen[0]
+    for ref in reversed(found):
+        problems = verify(ref.path)
+        if not problems:
             return ref
-    raise ExportError(f"{run_dir} has no checkpoint at step {step}; steps: {', '.join(str(r.step) for r in found)}")
+        log.warning("skipping %s: %s", ref.path, "; ".join(problems))
+    raise ExportError(f"{run_dir}: no intact checkpoint (every one failed verification; see the warnings)")
 
 
 def full_weights(ref: CheckpointRef, ema: bool = False) -> dict[str, torch.Tensor]:
     meta = json.loads((ref.path / "meta.json").read_text())
     engine, world = meta.get("engine", "single"), int(meta.get("world_size", 1))
-    state = torch.load(ref.path / "train_state.pt", map_location="cpu", weights_only=True)
+    state = safe_load(ref.path / "train_state.pt", map_location="cpu")
     if ema and not state.get("ema") and not (ref.path / "local_rank0.pt").exists():
         raise ExportError(f"{ref.path} holds no EMA weights (train.ema_decay was 0)")
     if engine in ("single", "ddp"):
@@ -65,7 +79,7 @@ def full_weights(ref: CheckpointRef, ema: bool = False) -> dict[str, torch.Tenso
 
 def _zero3_ema(folder: Path, world: int, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """ZeRO-3 splits each flattened parameter into `world` equal, end-padded partitions."""
-    parts = [torch.load(folder / f"local_rank{r}.pt", map_location="cpu", weights_only=True)["ema"]
+    parts = [safe_load(folder / f"local_rank{r}.pt", map_location="cpu")["ema"]
              for r in range(world)]
     full = {}
     for name, shape in shapes.items():
@@ -83,7 +97,7 @@ def _saved_buffer_dtypes(model: dict[str, torch.Tensor], folder: Path) -> dict[s
     states = sorted(folder.glob("*model_states.pt"))
     if not states:
         return model
-    saved = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
+    saved = safe_load(states[0], map_location="cpu", mmap=True)
     for name in saved.get("buffer_names", []):
         if name in model and name in saved["module"]:
             model[name] = saved["module"][name].clone()

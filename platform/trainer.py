@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from scaleyard.platform.checkpoint import Checkpointer, capture_rng, restore_rng, weights_sha256
+from scaleyard.platform.checkpoint import Checkpointer, CheckpointRef, capture_rng, restore_rng, weights_sha256
+from scaleyard.platform.checkpoint_integrity import CheckpointError, set_aside, verify
 from scaleyard.platform.config import AUTO_LANES, batch_per_rank, to_yaml
 from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device, preflight
 from scaleyard.platform.engines import make_engine
@@ -199,26 +200,62 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.ema = engine.make_ema(cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.ema_sharded = self.ema is not None and self.ema.sharded
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.env.rank)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, self.env.rank,
+                                         self.env.world_size)
         self.autocast = (torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[cfg.train.precision])
                          if cfg.train.precision in AUTOCAST_DTYPES else contextlib.nullcontext())
 
     def _restore(self) -> None:
+        """Resume from the newest intact checkpoint. Every rank verifies its share of each
+        candidate (newest first) and all ranks agree before anything is loaded; candidates that
+        fail are set aside once an older one has loaded, so a requeued job never meets them again."""
         engine = self.engine
         self.checkpointer.clean_partial()
         engine.barrier()
-        latest = self.checkpointer.latest()
-        if latest is None:
+        candidates = list(reversed(self.checkpointer.all()))
+        if not candidates:
             # replicas differ in dropout & co.; tensor-parallel ranks of one replica must draw alike
             seed_everything(self.cfg.run.seed * 1000 + engine.data_rank)
             return
-        state, rng, local = self.checkpointer.load(latest)
+        failed: list[tuple[CheckpointRef, str]] = []
+        for ref in candidates:
+            problem = self._try_load(ref)
+            if problem is None:
+                self._set_aside(failed, ref)
+                log.info("resumed from %s (step %d)", ref.path, self.step)
+                return
+            log.warning("checkpoint %s cannot be used: %s", ref.path, problem)
+            failed.append((ref, problem))
+        tried = "; ".join(f"{ref.path.name}: {why}" for ref, why in failed)
+        raise CheckpointError(f"no intact checkpoint in {self.checkpointer.folder} (tried, newest first: {tried}). "
+                              "Nothing was set aside or deleted; restore a good copy, or move the folder away to "
+                              "start the run anew")
+
+    def _try_load(self, ref: CheckpointRef) -> str | None:
+        """None when `ref` verified and loaded on every rank, else the reason (agreed by all). A
+        sharded checkpoint of another world size is an error, not a damaged checkpoint."""
+        if not self.engine.replicated:
+            _check_same_world(ref.path, self.env.world_size, self.engine.name)
+        problems = verify(ref.path, self.env.rank, self.env.world_size)
+        if self.engine.any_rank([bool(problems)])[0]:
+            return "; ".join(problems) or "another rank found it damaged (see its log)"
+        try:
+            self._load(ref)
+            error = ""
+        except (CheckpointError, RuntimeError, KeyError, EOFError, OSError, ValueError) as err:
+            error = f"loading failed: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+        if self.engine.any_rank([bool(error)])[0]:
+            return error or "loading failed on another rank (see its log)"
+        return None
+
+    def _load(self, ref: CheckpointRef) -> None:
+        engine = self.engine
+        state, rng, local = self.checkpointer.load(ref)
         if engine.replicated:
             engine.load_model_state(state["model"])
             engine.load_optimizer_state(state["optimizer"])
         else:
-            _check_same_world(latest.path, self.env.world_size, engine.name)
-            engine.load_state(latest.path)
+            engine.load_state(ref.path)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(local["ema"] if self.ema_sharded else state["ema"])
@@ -228,7 +265,14 @@ class Trainer:
         self.loss_value = float(state.get("loss", float("nan")))
         if rng is not None:
             restore_rng(rng)
-        log.info("resumed from %s (step %d)", latest.path, self.step)
+
+    def _set_aside(self, failed: list[tuple[CheckpointRef, str]], resumed_from: CheckpointRef) -> None:
+        if self.main:
+            for ref, why in failed:
+                moved = set_aside(ref.path, why, resumed_from.path)
+                log.warning("set aside %s as %s (%s); resuming from %s", ref.path.name, moved.name, why,
+                            resumed_from.path.name)
+        self.engine.barrier()
 
     def _open_metrics(self) -> None:
         tb_dir = self.run_dir / "tb"
@@ -410,7 +454,10 @@ class Trainer:
 
 
 def _check_same_world(checkpoint: Path, world_size: int, engine: str) -> None:
-    meta = json.loads((checkpoint / "meta.json").read_text())
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # an unreadable meta.json is verify()'s to report
     if meta.get("world_size") != world_size:
         raise RuntimeError(
             f"{checkpoint} holds {engine} shards of {meta.get('world_size')} ranks and this run has {world_size}; "

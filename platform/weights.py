@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from scaleyard.platform.checkpoint_integrity import safe_load
 from scaleyard.platform.export import ExportError, find_checkpoint, full_weights
 
 
@@ -31,11 +32,11 @@ class RunWeights:
 
 def has_ema(checkpoint: Path) -> bool:
     # mmap: only the EMA entry is read, not the whole (possibly optimizer-sized) file
-    state = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    state = safe_load(checkpoint / "train_state.pt", map_location="cpu", mmap=True)
     if state.get("ema"):
         return True
     local = checkpoint / "local_rank0.pt"  # ZeRO-3 / tensor parallel: the EMA is kept per rank
-    return local.exists() and bool(torch.load(local, map_location="cpu", weights_only=True, mmap=True).get("ema"))
+    return local.exists() and bool(safe_load(local, map_location="cpu", mmap=True).get("ema"))
 
 
 def load_run_weights(run_dir: str | Path, step: int | None = None, ema: bool | None = None) -> RunWeights:
@@ -51,6 +52,6 @@ def load_run_weights(run_dir: str | Path, step: int | None = None, ema: bool | N
         weights = full_weights(ref, ema=use_ema)
     except ExportError as err:
         raise FileNotFoundError(str(err)) from None
-    state = torch.load(ref.path / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    state = safe_load(ref.path / "train_state.pt", map_location="cpu", mmap=True)
     config = OmegaConf.create(state["config"]) if state.get("config") else OmegaConf.load(run_dir / "config.yaml")
     return RunWeights(run_dir, ref.step, weights, use_ema, state.get("job", {}), config)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from scaleyard.platform.checkpoint_integrity import safe_load
 from scaleyard.platform.config import ConfigError
 from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.engines.base import Blocks, DDPEngine
@@ -148,7 +149,7 @@ class MegatronEngine(DDPEngine):
                        folder / FOLDER / f"tp_rank{self.tp_rank}.pt")
 
     def load_state(self, folder: Path) -> None:
-        state = torch.load(folder / FOLDER / f"tp_rank{self.tp_rank}.pt", map_location=self.device, weights_only=True)
+        state = safe_load(folder / FOLDER / f"tp_rank{self.tp_rank}.pt", map_location=self.device)
         if state["tp_size"] != self.tp_size:
             raise RuntimeError(f"{folder} was written with engine.tp_size={state['tp_size']}; this run has "
                                f"{self.tp_size} (export it with `scaleyard export` and start a new run)")
@@ -176,7 +177,7 @@ def gather_full_state(module: nn.Module, layout: dict[str, Sharding], group, siz
 
 def merge_shard_files(files: list[Path]) -> dict[str, torch.Tensor]:
     """Single-device weights from a checkpoint's `tp_rank*.pt` files (no process group needed)."""
-    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    states = [safe_load(f, map_location="cpu") for f in files]
     layout = {k: Sharding(*v) for k, v in states[0]["layout"].items()}
     if len(states) != states[0]["tp_size"]:
         raise FileNotFoundError(f"expected {states[0]['tp_size']} tensor-parallel files, found {len(states)}")
@@ -186,9 +187,9 @@ def merge_shard_files(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def merge_ema_files(folder: Path, model_files: list[Path]) -> dict[str, torch.Tensor]:
     """The EMA of a tensor-parallel run: ranks 0..tp-1 (the first replica) hold its slices."""
-    first = torch.load(model_files[0], map_location="cpu", weights_only=True)
+    first = safe_load(model_files[0], map_location="cpu")
     layout = {k: Sharding(*v) for k, v in first["layout"].items()}
-    slices = [torch.load(folder / f"local_rank{r}.pt", map_location="cpu", weights_only=True)["ema"]
+    slices = [safe_load(folder / f"local_rank{r}.pt", map_location="cpu")["ema"]
               for r in range(first["tp_size"])]
     return {name: unshard([s[name] for s in slices], layout[name]) if name in layout else tensor
             for name, tensor in slices[0].items()}
