@@ -7,8 +7,8 @@ an 8B model is measured on a laptop. A tracker follows every storage the step cr
 freed, so the peak includes what autograd saves and the transients of backward, as the allocator
 sees them. Two micro-batch sizes give bytes per sample (the slope) and a fixed part; a second pair
 with the job's repeated blocks checkpointed gives the same under activation checkpointing.
-Activations depend on the device's kernels only where those keep different tensors (attention on
-CPU and GPU keeps the same: output and log-sum-exp).
+CPU kernels stand in for GPU ones; where they keep different tensors for backward the estimate
+differs (attention keeps its output and log-sum-exp on both).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _measure_all(job_cls: type[Job], cfg: DictConfig, fake: bool) -> ModelShape:
     per_sample, fixed = _line(plain)
     checkpointed = [_measure_step(job_cls, cfg, m, True, fake) for m in MICRO_BATCHES]
     ckpt_per_sample, ckpt_fixed = _line(checkpointed) if None not in checkpointed else (None, 0.0)
-    how = (f"measured: one forward/backward of job {job_cls.name!r}'s model at micro-batches "
+    how = (f"measured: one forward/backward of job {job_cls.name}'s model at micro-batches "
            f"{' and '.join(map(str, MICRO_BATCHES))} on {'fake' if fake else 'real'} CPU tensors, {precision}")
     measured = MeasuredActivations(precision, per_sample, fixed, ckpt_per_sample, ckpt_fixed, how)
     return ModelShape(trainable + frozen, trainable, frozen, measured=measured)
@@ -109,13 +109,16 @@ def _planning_parts(job_cls: type[Job], cfg: DictConfig, batch_size: int, fake: 
 
     job = job_cls()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory() as scratch, mode:
+    # planning runs in the launching process, which may train next: its torch RNG stays untouched
+    with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]), mode:
+        torch.manual_seed(int(cfg.run.seed))
         ctx = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), run_dir=Path(scratch),
                       generator=torch.Generator().manual_seed(int(cfg.run.seed)))
         parts = job.build_for_planning(cfg, ctx, batch_size)
         if parts is None or parts.model is None:
-            raise ConfigError(f"the planner cannot size job {job_cls.name!r} for engine.name=auto on GPUs: "
-                              f"{HOOK_HELP}; or set engine.name (single, ddp, deepspeed, megatron) yourself")
+            raise ConfigError(f"the planner (engine.name=auto on GPUs, scaleyard plan) cannot size job "
+                              f"{job_cls.name!r}: it neither describes nor builds its model for planning; {HOOK_HELP}; "
+                              f"or choose engine.name (single, ddp, deepspeed, megatron) yourself")
         yield job, parts
 
 

@@ -215,11 +215,35 @@ def test_engine_auto_sizes_a_measured_job_and_refuses_an_undescribed_one() -> No
     cfg = resolve(TrainingConfig, [], ["train.precision=bf16", "train.batch_size=512"])
     plan = planner.recommend(MeasuredLanguageModel, cfg, gpus=1, gpu_memory_gb=2)
     assert plan.activation_checkpointing and plan.micro_batch * plan.grad_accum == 512
-    assert any("measured: one forward/backward of job 'measured_lm'" in r for r in plan.reasons)
+    assert any("measured: one forward/backward of job measured_lm's model" in r for r in plan.reasons)
     assert planner.resolve_auto(MeasuredLanguageModel, cfg, 1, 2) == dict(planner._override_items(plan))
     with pytest.raises(ConfigError, match=r"job 'undescribed'.*memory_shape\(cfg\).*build_for_planning"):
         planner.resolve_auto(Undescribed, cfg, 8, 80)
     assert planner.resolve_auto(Undescribed, cfg, 8, None) == {"engine.name": "ddp"}
+
+
+class DescribedLanguageModel(Job):
+    name = "described_lm"
+    Config = TrainingConfig
+
+    @staticmethod
+    def memory_shape(cfg: DictConfig) -> planner.ModelShape:
+        return planner.causal_lm_shape_from_config(llama_config(), LLAMA_TOKENS)
+
+
+def test_tensor_parallelism_is_offered_only_with_a_plan() -> None:
+    """megatron refuses a job without `tp_plan`, so the planner does not offer it either."""
+    cfg = resolve(TrainingConfig, [], ["train.precision=bf16"])
+
+    class Planned(DescribedLanguageModel):
+        @staticmethod
+        def tp_plan(cfg: DictConfig) -> dict:
+            return {"modules": {}}
+
+    offered = {r.candidate.engine for r in planner.recommend(Planned, cfg, gpus=8, gpu_memory_gb=80).candidates}
+    assert "megatron" in offered
+    offered = {r.candidate.engine for r in planner.recommend(DescribedLanguageModel, cfg, 8, 80).candidates}
+    assert "megatron" not in offered and "deepspeed" in offered
 
 
 def test_tabdiff_is_measured_from_its_table(tmp_path) -> None:

@@ -260,6 +260,7 @@ class TabDiffJob(Job):
     def build_for_planning(self, cfg: DictConfig, ctx: Context, batch_size: int) -> JobParts:
         """For the planner (engine.name=auto on GPUs): the model for the table at data.path (its
         schema only) and one batch of random rows."""
+        self.check(cfg, ctx.world_size)  # errors name data.path
         self.cfg, self.ctx, self.micro_batches = cfg, ctx, 0
         config = model_config(cfg, schema_of(load_index(cfg.data.path)))
         model = TabDiff(config)
