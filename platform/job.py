@@ -59,8 +59,10 @@ class JobParts:
     model: every trainable module (several -> an nn.ModuleDict); the engine wraps it.
     frozen: modules used but never trained (a DPO reference model, a text encoder, a property
         predictor); the engine places them (and may shard them) but never steps them.
-    train_data: an iterable of batches with `state_dict()/load_state_dict()` (a ShardStream), so
-        the platform can save and restore its position.
+    train_data: a map-style dataset (sized and indexable, e.g. a torch Dataset; the platform reads
+        it in a resumable, world-size-independent order, data_loaders/dataset_stream.py), or an
+        iterable of batches with `state_dict()/load_state_dict()` (a ShardStream) whose position
+        the platform saves. Anything else is refused before step 1.
     param_groups: optional function of the model returning AdamW parameter groups (dicts with
         "params" and any per-group options); default: weight decay on matrices only.
     blocks: the model's repeated blocks (what activation checkpointing wraps), as a function of
