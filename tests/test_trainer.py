@@ -55,7 +55,7 @@ def test_tensorboard_holds_the_metrics(tmp_path, classify_args):
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
     assert [e.step for e in events.Scalars("eval/accuracy")] == [6, 12]
     lr = [e.value for e in events.Scalars("train/lr")]
-    assert lr == sorted(lr, reverse=True)  # cosine decay
+    assert lr == sorted(lr, reverse=True) and lr[-1] < lr[0]  # cosine decay (the curve: tests/test_optim.py)
     assert "config/text_summary" in events.Tags()["tensors"]
 
 
@@ -113,9 +113,26 @@ def test_bad_config_errors_and_existing_run_untouched(tmp_path, classify_args):
     assert missing.returncode == 2 and "no shard index" in missing.stderr
 
 
+class OutputDtypes(Classify):
+    """classify recording the dtype of the classifier's logits at every training forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def build(self, cfg, ctx):
+        parts = super().build(cfg, ctx)
+        parts.model.register_forward_hook(lambda module, args, out: self.dtypes.append(out.dtype))
+        return parts
+
+
 def test_bf16_autocast_trains(tmp_path, classify_args):
-    summary = train(Classify(), classify_args, tmp_path, "train.precision=bf16")
+    job = OutputDtypes()
+    summary = train(job, classify_args, tmp_path, "train.precision=bf16", "eval.max_samples=0")
     assert math.isfinite(summary["final_loss"]) and summary["step"] == 12
+    assert job.dtypes == [torch.bfloat16] * 12  # the forward really ran under bf16 autocast
+    state = torch.load(tmp_path / "checkpoints" / "step_00000012" / "train_state.pt", weights_only=True)
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}  # the weights stay fp32
 
 
 def test_classifier_checkpoint_loads_in_other_jobs(tmp_path, classify_args):
