@@ -27,12 +27,13 @@ from omegaconf import DictConfig
 
 from scaleyard.platform.checkpoint import Checkpointer, CheckpointRef, capture_rng, restore_rng, weights_sha256
 from scaleyard.platform.checkpoint_integrity import CheckpointError, set_aside, verify
-from scaleyard.platform.config import AUTO_LANES, batch_per_rank, to_yaml
+from scaleyard.platform.config import AUTO_LANES, to_yaml
 from scaleyard.platform.distributed import DistEnv, init_process_group, pick_device, preflight
 from scaleyard.platform.engines import make_engine
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
 from scaleyard.platform.metrics import MetricsWriter, Progress, memory_gb, peak_tflops
 from scaleyard.platform.optim import default_param_groups, make_optimizer, make_scheduler
+from scaleyard.platform.train_data import BuildError, train_stream
 
 log = logging.getLogger("scaleyard")
 # SLURM's --signal (USR1 by convention, USR2 from submitit) and the TERM sent at the time limit
@@ -53,10 +54,6 @@ class Preempted(Exception):
     def __init__(self, message: str, signum: int | None):
         super().__init__(message)
         self.signum = signum
-
-
-class BuildError(TypeError):
-    """`Job.build` returned parts the Trainer cannot train; the message names the fix."""
 
 
 def seed_everything(seed: int) -> None:
@@ -108,29 +105,6 @@ class _Window:
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
-
-
-def train_stream(parts: JobParts, cfg: DictConfig, ctx: Context, job_name: str) -> Any:
-    """The job's training data as a resumable stream, checked before step 1: a stream with
-    `state_dict()/load_state_dict()` as is, a map-style dataset wrapped in a DatasetStream."""
-    from scaleyard.data_loaders.dataset_stream import DatasetStream, is_map_style
-
-    data = parts.train_data
-    if data is None:
-        raise BuildError(f"job {job_name}: build() returned no train_data; return a map-style Dataset or a "
-                         "ShardStream in JobParts(train_data=...)")
-    if is_map_style(data):
-        return DatasetStream(data, batch_per_rank=batch_per_rank(cfg, ctx.data_world_size), rank=ctx.data_rank,
-                             world_size=ctx.data_world_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
-    resumable = all(callable(getattr(data, name, None)) for name in ("state_dict", "load_state_dict", "__iter__"))
-    if not resumable:
-        raise BuildError(
-            f"job {job_name}: build() returned train_data of type {type(data).__name__}, which cannot be resumed "
-            "(it needs state_dict()/load_state_dict() to save its position in checkpoints). Return a map-style "
-            "dataset (sized and indexable, e.g. a torch.utils.data.Dataset: the platform makes it resumable) or a "
-            "ShardStream over WebDataset shards (scaleyard.data_loaders.pipeline)"
-        )
-    return data
 
 
 class Trainer:
