@@ -163,10 +163,14 @@ def test_lanes_must_divide_by_world_size(numbers):
         positions(numbers, world=3, lanes=4)
 
 
-def test_shards_read_through_pipe_urls(numbers):
+def test_shards_read_through_pipe_urls(numbers, tmp_path):
     """Shards on other storage: webdataset opens `pipe:` commands (and fsspec URLs) the same way."""
     local, _ = positions(numbers, steps=30, batch=8)
-    config = StreamConfig(lanes=4, shuffle_block=7, shard_base=f"pipe:cat {numbers.root}/{{name}}")
+    storage = tmp_path / "storage"  # the shards leave the index's folder: only the pipe can find them
+    storage.mkdir()
+    for shard in numbers.shards:
+        os.rename(os.path.join(numbers.root, shard.name), storage / shard.name)
+    config = StreamConfig(lanes=4, shuffle_block=7, shard_base=f"pipe:cat {storage}/{{name}}")
     stream = ShardStream(numbers, config, decode=KeyDecoder(), collate=stack, batch_per_rank=8)
     piped = [batch["value"] for batch in itertools.islice(iter(stream), 30)]
     assert piped == local
