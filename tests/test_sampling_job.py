@@ -37,3 +37,7 @@ def test_sampling_job_writes_a_summary(tmp_path):
     second = run_sampling(DrawNormals(), cfg, DistEnv())
     assert first == second  # seeded from run.seed
     assert json.loads((tmp_path / "summary.json").read_text())["metrics"] == first["metrics"]
+    cfg.run.seed = 1
+    other = run_sampling(DrawNormals(), cfg, DistEnv())
+    assert other["metrics"]["mean"] != first["metrics"]["mean"]  # and by run.seed, not by a fixed seed
+    assert json.loads((tmp_path / "summary.json").read_text())["metrics"] == other["metrics"]
