@@ -64,6 +64,13 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, classify_args):
     one = train(Classify(), classify_args, tmp_path / "one", *common)
     two = train(Classify(), classify_args, tmp_path / "two", *common, "train.grad_accum=2")
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4)
+    # the same gradients, not only the same updates (Adam and clipping hide a gradient off by a factor)
+    norms = []
+    for run in ("one", "two"):
+        events = EventAccumulator(str(tmp_path / run / "tb"))
+        events.Reload()
+        norms.append([e.value for e in events.Scalars("train/grad_norm")])
+    assert len(norms[0]) == 6 and norms[1] == pytest.approx(norms[0], rel=1e-4)
 
 
 def test_ema_keep_last_and_summary(tmp_path, classify_args):
