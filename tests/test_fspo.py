@@ -209,3 +209,77 @@ def test_smollm2_gguf_conversion_is_cached_and_reloads(tmp_path):
     assert getattr(model.config, "quantization_config", None) is None
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
     assert AutoTokenizer.from_pretrained(folder).chat_template
+
+
+def _scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_zero3_partitions_the_reference(tmp_path):
+    pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "zero3"
+    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=3", "engine.name=deepspeed",
+                     "engine.zero_stage=3", "--nproc", "2", f"run.dir={run_dir}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    scalars = _scalars(run_dir)
+    resident = next(v for t, v in scalars.items() if t.endswith("reference_resident_params"))
+    total = _summary(run_dir)["params"]  # trainable parameters = the reference's size
+    assert max(resident) < 0.6 * total  # each of 2 ranks holds about half of the reference
+    assert (run_dir / "eval" / "report.md").exists()  # evaluation ran with the partitioned model gathered
+    single = tmp_path / "single"
+    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=1", f"run.dir={single}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    replicated = next(v for t, v in _scalars(single).items() if t.endswith("reference_resident_params"))
+    assert replicated[0] == total
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_exact(tmp_path):
+    import sys
+
+    from test_resume import kill_while_writing
+
+    args = ["run", "fspo", "--preset", "tiny", *FAST, "train.steps=6", "train.ckpt_every=2", "eval.examples=0"]
+    reference = tmp_path / "reference"
+    done = scaleyard(*args, f"run.dir={reference}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "interrupted"
+    kill_while_writing([sys.executable, "-m", "scaleyard.platform.cli", *args, f"run.dir={run_dir}"],
+                       run_dir / "checkpoints", 4)
+    assert not (run_dir / "summary.json").exists()
+    resumed = scaleyard(*args, f"run.dir={run_dir}")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr[-3000:]
+    assert _summary(run_dir)["weights_sha256"] == _summary(reference)["weights_sha256"]
+    assert _summary(run_dir)["final_loss"] == _summary(reference)["final_loss"]
+
+
+@pytest.mark.slow
+def test_sft_then_ipo_from_its_weights(tmp_path):
+    sft = tmp_path / "sft"
+    done = scaleyard("run", "fspo", "--preset", "tiny_sft", *FAST, "train.steps=4", "eval.examples=0",
+                     f"run.dir={sft}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ipo = tmp_path / "ipo"
+    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=2", f"model.init_from={sft}",
+                     f"run.dir={ipo}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the IPO run starts from the SFT run's weights (policy and reference alike: at step 1 they are
+    # equal, h = 0 and the loss is (1 / (2 beta))^2)
+    from omegaconf import OmegaConf
+
+    from scaleyard.jobs.fspo.job import build_model
+
+    start = build_model(OmegaConf.load(ipo / "config.yaml"), gpt2_tokenizer()).state_dict()
+    trained = _weights(sft).weights
+    assert all(torch.equal(start[k], trained[k]) for k in trained)
+    assert _scalars(ipo)["train/loss"][0] == pytest.approx(2500.0)
+    assert _scalars(sft)["train/loss"][-1] < _scalars(sft)["train/loss"][0]

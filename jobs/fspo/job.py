@@ -267,8 +267,12 @@ class FSPO(Job):
         h = log_ratio_margin(logp[:n], logp[n:], ref[:n], ref[n:])
         loss = preference_loss(cfg.loss.kind, cfg.loss.beta, h).mean()
         h = h.detach()
+        # elements of the reference this rank holds between uses: all of them when replicated, a
+        # fraction under ZeRO-3 (which partitions frozen modules too)
+        resident = sum(p.numel() for p in self.reference.parameters())
         return loss, {"reward_margin": cfg.loss.beta * h.mean(), "accuracy": (h > 0).float().mean(),
-                      "chosen_logp": logp[:n].detach().mean(), "rejected_logp": logp[n:].detach().mean()}
+                      "chosen_logp": logp[:n].detach().mean(), "rejected_logp": logp[n:].detach().mean(),
+                      "reference_resident_params": float(resident)}
 
     # --- evaluation ----------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, step: int) -> EvalResult:
