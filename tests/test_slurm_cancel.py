@@ -48,8 +48,8 @@ def test_scancel_checkpoints_before_it_stops_and_stays_cancelled(tmp_path, fmnis
     assert row["state"].startswith("CANCELLED") and row["requeues"] == 0, row
     assert not (run_dir / "summary.json").exists()
 
-    # the checkpoint is complete: the run resumes from it (here as 2 local ranks, 2 more steps)
-    resumed = scaleyard("run", *classify(fmnist, run_dir, stopped + 2), "--nproc", "2")
+    # the checkpoint is complete: the run resumes from it (here locally, 2 more steps)
+    resumed = scaleyard("run", *classify(fmnist, run_dir, stopped + 2))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoints[0].path}" in resumed.stdout + resumed.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == stopped + 2
