@@ -173,6 +173,15 @@ def test_ipo_run_through_the_cli_raises_the_chosen_log_prob(tmp_path, tokenizer)
         assert any(t.endswith(name) for t in tags), (name, sorted(tags))
     assert any("win_rate" in t for t in tags)
 
+    # a personalised answer from the trained run: `scaleyard sample RUN --known REQUEST.json`
+    held = example(0, "heldout", 0, shots=1, pairs_per_user=3, examples_per_user=2)
+    (tmp_path / "request.json").write_text(json.dumps({"shots": held["shots"], "question": held["question"]}))
+    sampled = scaleyard("sample", str(run_dir), "--known", str(tmp_path / "request.json"), "--rows", "2",
+                        "--out", str(tmp_path / "answers.json"))
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert answers[0]["question"] == held["question"] and len(answers[0]["answers"]) == 2
+
 
 @pytest.mark.parametrize("override, message", [
     ("model.name_or_path=/nonexistent/model", "model.name_or_path.*/nonexistent/model.*does not exist"),

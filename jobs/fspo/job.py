@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from scaleyard.data_loaders.builders.fspo import ASSISTANT_PREFIX
+from scaleyard.data_loaders.builders.fspo import ASSISTANT_PREFIX, fspo_prompt
 from scaleyard.data_loaders.index import DataError, load_index
 from scaleyard.data_loaders.pipeline import ShardStream, stack
 from scaleyard.jobs.fspo.data import (
@@ -48,7 +48,7 @@ from scaleyard.models.lm import (
 from scaleyard.models.lm.load import SMOLLM2, resolve_folder
 from scaleyard.models.lm.logprobs import PromptTooLong, completion_ids, prompt_ids
 from scaleyard.platform.config import ConfigError, TrainingConfig, batch_per_rank, bounded, choice, stream_config
-from scaleyard.platform.job import Context, EvalResult, Job, JobParts
+from scaleyard.platform.job import Context, EvalResult, Job, JobParts, SampleRequest
 
 TP_PLAN = {"modules": {  # Hugging Face Llama-family names (SmolLM2, Llama-3.x)
     "model.embed_tokens": "embedding_rowwise",
@@ -134,6 +134,28 @@ def build_model(cfg: DictConfig, tokenizer) -> nn.Module:
 
         model.load_state_dict(load_run_weights(cfg.model.init_from, ema=False).weights)
     return model
+
+
+def read_requests(path: str, shots: int) -> list[dict[str, Any]]:
+    """The sample requests in a JSON file (see FSPO.write_samples), checked before any model loads."""
+    if not path:
+        raise ConfigError('--known FILE: a JSON file with {"shots": [{"question", "chosen", "rejected"}, ...], '
+                          '"question": "..."} (or a list of them)')
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--known {path}: cannot read it as JSON ({err})") from None
+    requests = loaded if isinstance(loaded, list) else [loaded]
+    for i, r in enumerate(requests):
+        shot_list = r.get("shots") if isinstance(r, dict) else None
+        if not isinstance(shot_list, list) or not isinstance(r.get("question"), str) or not all(
+                isinstance(s, dict) and {"question", "chosen", "rejected"} <= set(s) for s in shot_list):
+            raise ConfigError(f"--known {path}: request {i} needs \"question\" (text) and \"shots\" (a list of "
+                              "{\"question\", \"chosen\", \"rejected\"})")
+        if len(shot_list) < shots:
+            raise ConfigError(f"--known {path}: request {i} has {len(shot_list)} shots; this run was trained with "
+                              f"prompt.shots={shots}")
+    return requests
 
 
 def hf_config(cfg: DictConfig):
@@ -287,6 +309,29 @@ class FSPO(Job):
         metrics = {f"win_rate/{k}": v for k, v in own_rate.items() if k != "n"}
         metrics.update({f"win_rate_other_user/{k}": v for k, v in other_rate.items() if k != "n"})
         return EvalResult(metrics=metrics, text={"sample": f"{self.items[0]['question']}\n\n{own[0]}"})
+
+    # --- `scaleyard sample RUN --known REQUEST.json --out ANSWERS.json` -----------------------------
+    def write_samples(self, cfg: DictConfig, weights: dict[str, torch.Tensor], job_state: dict[str, Any],
+                      request: SampleRequest) -> dict[str, Any]:
+        """Personalised answers: `--known` names a JSON file holding one request or a list of them,
+        each {"shots": [{"question", "chosen", "rejected"}, ...], "question": "..."}; the answers
+        (greedy; `--rows N` > 1: N samples from `--seed`) go to `--out` as JSON."""
+        requests = read_requests(request.known, cfg.prompt.shots)
+        self.cfg, self.tokenizer = cfg, tokenizer_for(cfg)
+        model = build_model(OmegaConf.merge(cfg, {"model": {"init_from": ""}}), self.tokenizer)
+        model.load_state_dict(weights)
+        prompts = [fspo_prompt(r["shots"], r["question"]) for r in requests]
+        e = cfg.eval
+        if request.rows > 1:
+            answers = [generate(model, self.tokenizer, [p] * request.rows, e.max_new_tokens, sample=True,
+                                seed=request.seed + i, assistant_prefix=ASSISTANT_PREFIX, batch_size=e.batch_size)
+                       for i, p in enumerate(prompts)]
+        else:
+            answers = [[a] for a in self._generate(model, prompts)]
+        out = [{"question": r["question"], "shots": len(r["shots"]), "answers": a} for r, a in zip(requests, answers)]
+        request.out.parent.mkdir(parents=True, exist_ok=True)
+        request.out.write_text(json.dumps(out, indent=2))
+        return {"requests": len(out), "answers": sum(len(o["answers"]) for o in out), "out": str(request.out)}
 
     # --- what the platform asks about the model ------------------------------------------------
     @staticmethod
