@@ -166,13 +166,39 @@ def test_time_limit_must_exceed_signal_delay(tmp_path):
     assert done.returncode == 2 and "not longer than the warning signal delay" in done.stderr
 
 
-def test_cancel(tmp_path, fmnist):
+def test_cancel_checkpoints_before_it_stops_and_stays_cancelled(tmp_path, fmnist):
+    """`scaleyard cancel` (scancel: TERM) of a running 2-task job: every rank finishes its step, the
+    checkpoint is written before the job stops, no requeue follows, and the checkpoint resumes."""
     run_dir = tmp_path / "long"
-    assert scaleyard("submit", *classify(fmnist, run_dir, 100000), "--cluster", "slurm").returncode == 0
-    time.sleep(3)
-    done = scaleyard("cancel", str(run_dir))
-    assert done.returncode == 0 and job_id(run_dir) in done.stdout
-    assert wait_done(run_dir, 60)["state"].startswith("CANCELLED")
+    # ckpt_every=0: the only checkpoint before the end is the one the cancellation writes
+    args = [*classify(fmnist, run_dir, 1_000_000), "train.ckpt_every=0", "train.log_every=5"]
+    done = scaleyard("submit", *args, "--cluster", "slurm", "--ntasks-per-node", "2")
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 600  # the local cluster runs one 2-task job at a time: it may queue
+    progress = run_dir / "progress.json"
+    while not progress.exists() or json.loads(progress.read_text())["step"] < 20:  # both ranks are training
+        assert time.monotonic() < deadline, "the job did not reach step 20"
+        time.sleep(0.5)
+
+    cancelled = scaleyard("cancel", str(run_dir))
+    assert cancelled.returncode == 0 and job_id(run_dir) in cancelled.stdout, cancelled.stdout + cancelled.stderr
+    assert wait_done(run_dir, 90)["state"].startswith("CANCELLED")
+    checkpoints = sorted(run_dir.glob("checkpoints/step_*/meta.json"))
+    assert len(checkpoints) == 1, checkpoints
+    stopped = json.loads(checkpoints[0].read_text())["step"]
+    assert stopped >= 20 and (checkpoints[0].parent / "rng_rank1.pt").exists()  # both ranks took part
+    logs = scaleyard("logs", str(run_dir), "--rank", "1")
+    assert f"stopped by signal after step {stopped}" in logs.stdout + logs.stderr
+
+    time.sleep(5)  # a requeued job would be back in the queue by now
+    row = json.loads(scaleyard("status", str(run_dir), "--json").stdout)[0]
+    assert row["state"].startswith("CANCELLED") and row["requeues"] == 0, row
+    assert not (run_dir / "summary.json").exists()
+    # the checkpoint is complete: the run resumes from it (here locally, 2 more steps)
+    resumed = scaleyard("run", *args, f"train.steps={stopped + 2}")  # the later override wins
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {checkpoints[0].parent}" in resumed.stdout + resumed.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == stopped + 2
 
 
 def test_command_line_sweep_on_slurm_reports_the_failed_run_and_why(tmp_path, fmnist):
