@@ -292,3 +292,20 @@ def test_sft_then_ipo_from_its_weights(tmp_path):
     assert all(torch.equal(start[k], trained[k]) for k in trained)
     assert _scalars(ipo)["train/loss"][0] == pytest.approx(2500.0)
     assert _scalars(sft)["train/loss"][-1] < _scalars(sft)["train/loss"][0]
+
+
+def test_memory_shape_and_flops_of_a_3b_llama_from_its_config_alone(tmp_path):
+    from omegaconf import OmegaConf
+
+    from scaleyard.jobs.fspo.job import FSPO, Config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072,
+        "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
+        "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 128}))  # Llama-3.2-3B's shape, no weights
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": {"name_or_path": str(tmp_path), "max_tokens": 2048}})
+    shape = FSPO.memory_shape(cfg)
+    assert 3.1e9 < shape.trainable < 3.3e9 and shape.frozen == shape.trainable  # the reference is a full copy
+    assert FSPO.flops_per_sample(cfg) == pytest.approx(2 * 8 * shape.trainable * 2048)
+    cfg.loss.kind = "sft"
+    assert FSPO.memory_shape(cfg).frozen == 0

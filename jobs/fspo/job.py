@@ -348,7 +348,8 @@ class FSPO(Job):
         shape = causal_lm_shape_from_config(config, tokens=cfg.model.max_tokens)
         if cfg.loss.kind == "sft":
             return shape
-        return causal_lm_shape_from_config(config, tokens=cfg.model.max_tokens, frozen=shape.trainable)
+        # a preference sample is two sequences (chosen and rejected) through the policy, plus the reference
+        return causal_lm_shape_from_config(config, tokens=2 * cfg.model.max_tokens, frozen=shape.trainable)
 
     @staticmethod
     def flops_per_sample(cfg: DictConfig) -> float:
