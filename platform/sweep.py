@@ -238,10 +238,11 @@ class SweepProgress:
             self.last = (summary, elapsed)
         return bool(states) and all(state in ENDED for state, _ in states)
 
-    def wait(self, poll_s: float = 5.0) -> bool:
-        """Until every run has ended; True when all completed."""
+    def wait(self, poll_s: float | None = None) -> bool:
+        """Until every run has ended; True when all completed. Polls a cluster's queue every 5 s,
+        local runs (files only) every second."""
         while not self.tick():
-            time.sleep(poll_s)
+            time.sleep(poll_s or (1.0 if self.launcher.runs_here else 5.0))
         return all(state == COMPLETED for state, _ in self.states())
 
 
