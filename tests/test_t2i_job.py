@@ -82,7 +82,7 @@ def test_isoflop_sweep_runs_resumes_and_fits(tmp_path, fmnist):
     again = scaleyard("sweep", str(spec), "--dir", str(sweep_dir))
     assert again.returncode == 0 and "submitted 0, skipped 4" in again.stdout
     rows = json.loads(scaleyard("status", str(sweep_dir), "--json").stdout)
-    assert len(rows) == 4 and all(r["state"] == "FINISHED" for r in rows)
+    assert len(rows) == 4 and all(r["state"] == "COMPLETED" for r in rows)
 
 
 def test_sweep_specs_are_checked_before_queueing(tmp_path, fmnist):
