@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from scaleyard.platform.run_record import FALLBACKS
+
 META = "meta.json"
 DIGESTS = "digests_rank{rank}.json"
 SET_ASIDE_PREFIX = "corrupt-"
-FALLBACKS = "fallbacks.jsonl"  # in the run folder: one line per checkpoint set aside (for `scaleyard status`)
 # Classes DeepSpeed 0.19 pickles into its optimizer files (ZeRO 1-3): an int enum, a plain
 # loss-scale record and a (start, numel) dataclass; none runs code when rebuilt. Anything else
 # outside torch's weights-only allowlist is refused (a newer DeepSpeed that pickles another class

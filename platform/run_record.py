@@ -27,6 +27,8 @@ CANCELLED, PREEMPTED, REQUEUED, TIMEOUT = "CANCELLED", "PREEMPTED", "REQUEUED", 
 STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, PREEMPTED, REQUEUED, TIMEOUT)
 ENDED = (COMPLETED, FAILED, CANCELLED, TIMEOUT)
 LOG_DIR = "logs"
+# checkpoints set aside as damaged, one JSON line each (written by platform/checkpoint_integrity.py)
+FALLBACKS = "fallbacks.jsonl"
 
 
 def log_file(run_dir: Path, rank: int) -> Path:

@@ -22,6 +22,7 @@ from submitit.core.utils import JobPaths
 from scaleyard.platform.run_record import (
     CANCELLED,
     FAILED,
+    FALLBACKS,
     PENDING,
     REQUEUED,
     RUNNING,
@@ -98,6 +99,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             if not read_records(run_dir) and row["state"] == PENDING:
                 if not pid_alive(int(submission.job_id)):
                     row.update(state=FAILED, reason=last_error_line(stderr) or "ended before the run started")
+    fallbacks = run_dir / FALLBACKS
+    if fallbacks.exists():  # checkpoints set aside as damaged (platform/checkpoint_integrity.py)
+        row["fallbacks"] = [json.loads(line) for line in fallbacks.read_text().splitlines() if line.strip()]
     attempts = run_dir / "attempts.jsonl"
     row["requeues"] = 0
     if attempts.exists():
@@ -135,6 +139,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             line += "  " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in row.get("values", {}).items())
         if row.get("reason") and row["state"] in (FAILED, CANCELLED, TIMEOUT):
             line += f"  ({row['reason'][:120]})"
+        if row.get("fallbacks"):
+            last, earlier = row["fallbacks"][-1], len(row["fallbacks"]) - 1
+            line += (f"  [fell back: {last['checkpoint']} set aside, resumed from {last['resumed_from']}"
+                     + (f"; {earlier} earlier]" if earlier else "]"))
         lines.append(line)
     if any(row.get("best") for row in rows):
         lines.append("* best run of its sweep")

@@ -129,3 +129,15 @@ def test_tampered_deepspeed_file_never_reaches_deepspeed(fmnist, tmp_path, no_ma
     assert "tampered" in log and "resumed from" in log and "step_00000004" in log
     assert (run_dir / "checkpoints" / "corrupt-step_00000008").is_dir()
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 12
+
+
+def test_status_shows_a_run_that_fell_back(tmp_path):
+    run_dir = tmp_path / "run"
+    train(PointsJob(), run_dir, "train.steps=10")
+    (run_dir / "config.yaml").write_text("job: points\n")
+    flip_byte(run_dir / "checkpoints" / "step_00000010" / "rng_rank0.pt")
+    train(PointsJob(), run_dir, "train.steps=12")
+    rows = json.loads(scaleyard("status", str(run_dir), "--json").stdout)
+    assert rows[0]["fallbacks"][0]["resumed_from"] == "step_00000005"
+    table = scaleyard("status", str(run_dir)).stdout
+    assert "fell back: step_00000010 set aside, resumed from step_00000005" in table
