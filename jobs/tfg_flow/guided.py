@@ -121,7 +121,7 @@ def compare(flow: MoleculeFlowNet, vocabulary: list[int], histogram: dict, predi
 def write_report(stem: Path, results: list[dict[str, Any]], context: dict[str, Any]) -> Path:
     """report.md and report.json: guided vs unguided oracle MAE per property, validity, stability."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"context": context, "results": results}, indent=1))
+    stem.with_name(stem.name + ".json").write_text(json.dumps({"context": context, "results": results}, indent=1))
     lines = ["# TFG-Flow: training-free guidance on QM9", "",
              "MAE between the oracle's prediction for each generated molecule and its target (lower is better);",
              "the oracle was trained on a QM9 split disjoint from the guidance predictor's and the flow model's.", "",
@@ -134,7 +134,7 @@ def write_report(stem: Path, results: list[dict[str, Any]], context: dict[str, A
                      f"| {u['validity']:.2f} | {g['validity']:.2f} | {u['molecule_stability']:.2f} "
                      f"| {g['molecule_stability']:.2f} |")
     lines += ["", "Context:", ""] + [f"- {k}: {v}" for k, v in context.items()]
-    path = stem.with_suffix(".md")
+    path = stem.with_name(stem.name + ".md")
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -132,10 +132,11 @@ class TFGFlow(Job):
             else:
                 model = PropertyNet(self.model_cfg, len(self.properties))
         self.histogram = dict(sorted(Counter(len(m["atoms"]) for m in sample[:STATS_MOLECULES]).items()))
-        values = pad(sample[:STATS_MOLECULES], self.vocabulary, self.properties)["props"]
-        self.stats = {"mean": values.mean(0), "std": values.std(0).clamp(min=1e-8),
-                      "low": values.min(0).values, "high": values.max(0).values}
-        if cfg.task == "predictor":
+        self.stats: dict[str, torch.Tensor] = {}
+        if cfg.task == "predictor":  # targets are regressed in normalised units; the range bounds guidance targets
+            values = pad(sample[:STATS_MOLECULES], self.vocabulary, self.properties)["props"]
+            self.stats = {"mean": values.mean(0), "std": values.std(0).clamp(min=1e-8),
+                          "low": values.min(0).values, "high": values.max(0).values}
             model.mean.copy_(self.stats["mean"])
             model.std.copy_(self.stats["std"])
         self._reference_smiles: set[str] | None = None
