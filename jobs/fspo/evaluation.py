@@ -43,28 +43,30 @@ def trait_means(responses: Sequence[str]) -> dict[str, float]:
     return {t: sum(m[t] for m in measured) / max(1, len(measured)) for t in TRAITS}
 
 
-def write_report(out: Path, step: int, own: dict[str, float], other: dict[str, float],
-                 items: Sequence[dict[str, Any]], policy: Sequence[str], base: Sequence[str]) -> None:
-    """eval/report.md and eval/step_<step>.json (the latest evaluation is report.md)."""
+def write_report(out: Path, step: int, rates: dict[str, dict[str, float]], items: Sequence[dict[str, Any]],
+                 policy: Sequence[str], base: Sequence[str], temperature: float = 0.0) -> None:
+    """eval/report.md and eval/step_<step>.json (the latest evaluation is report.md). `rates`:
+    "own" (the user's own shots, greedy), "other" (a different user's shots), optionally "sampled"."""
     out.mkdir(parents=True, exist_ok=True)
-    record = {"step": step, "own_shots": own, "other_user_shots": other,
+    record = {"step": step, "own_shots": rates["own"], "other_user_shots": rates["other"],
+              "sampled": rates.get("sampled"), "temperature": temperature,
               "policy_traits": trait_means(policy), "base_traits": trait_means(base),
               "samples": [{"user": i["user"], "question": i["question"], "persona": i["persona"], "policy": p,
                            "base": b} for i, p, b in list(zip(items, policy, base))[:8]]}
     (out / f"step_{step}.json").write_text(json.dumps(record, indent=2))
+    labels = {"own": "the user's own (greedy)", "other": "a different user's (greedy)",
+              "sampled": f"the user's own (sampled, T={temperature:g})"}
     lines = [
         f"# FSPO evaluation at step {step}", "",
-        f"Held-out synthetic users: {int(own['n'])} prompts; a win = higher reward of the user's own trait scorer "
-        "than the base model's greedy response to the same prompt (ties count half); 95% Wilson interval.", "",
+        f"Held-out synthetic users: {int(rates['own']['n'])} prompts; a win = higher reward of the user's own trait "
+        "scorer than the base model's greedy response to the same prompt (ties count half); 95% Wilson interval.", "",
         "| shots | win rate | 95% interval | mean reward | base mean reward |", "|---|---|---|---|---|",
-        f"| the user's own | {own['win_rate']:.3f} | [{own['ci_low']:.3f}, {own['ci_high']:.3f}] | "
-        f"{own['reward']:.3f} | {own['base_reward']:.3f} |",
-        f"| a different user's | {other['win_rate']:.3f} | [{other['ci_low']:.3f}, {other['ci_high']:.3f}] | "
-        f"{other['reward']:.3f} | {other['base_reward']:.3f} |", "",
-        "Mean measured traits (policy / base): " + ", ".join(
-            f"{t} {record['policy_traits'][t]:.2f}/{record['base_traits'][t]:.2f}" for t in TRAITS), "",
-        "## Samples", "",
     ]
+    for which, r in rates.items():
+        lines.append(f"| {labels[which]} | {r['win_rate']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
+                     f"{r['reward']:.3f} | {r['base_reward']:.3f} |")
+    lines += ["", "Mean measured traits (policy / base): " + ", ".join(
+        f"{t} {record['policy_traits'][t]:.2f}/{record['base_traits'][t]:.2f}" for t in TRAITS), "", "## Samples", ""]
     for s in record["samples"][:3]:
         lines += [f"**{s['user']}** ({s['persona']}): {s['question']}", "", "policy:", "```", s["policy"], "```",
                   "base:", "```", s["base"], "```", ""]

@@ -102,6 +102,8 @@ class EvalConfig:
     examples: int = bounded(32, 0)  # held-out prompts per evaluation; 0 = no evaluation
     max_new_tokens: int = bounded(96, 1)
     batch_size: int = bounded(8, 1)
+    # > 0: also sampled responses (this temperature, seeded by run.seed) against the base's greedy ones
+    temperature: float = bounded(0.0, 0.0)
 
 
 @dataclass
@@ -302,12 +304,19 @@ class FSPO(Job):
             return EvalResult()
         own = self._generate(model, [i["prompt"] for i in self.items])
         other = self._generate(model, [i["other_prompt"] for i in self.items])
-        own_rate = win_rate(self.items, own, self.base_responses)
-        other_rate = win_rate(self.items, other, self.base_responses)
+        rates = {"own": win_rate(self.items, own, self.base_responses),
+                 "other": win_rate(self.items, other, self.base_responses)}
+        e = self.cfg.eval
+        if e.temperature > 0:
+            sampled = generate(model, self.tokenizer, [i["prompt"] for i in self.items], e.max_new_tokens,
+                               sample=True, temperature=e.temperature, seed=self.cfg.run.seed,
+                               assistant_prefix=ASSISTANT_PREFIX, batch_size=e.batch_size)
+            rates["sampled"] = win_rate(self.items, sampled, self.base_responses)
         if self.ctx.is_main:
-            write_report(self.ctx.run_dir / "eval", step, own_rate, other_rate, self.items, own, self.base_responses)
-        metrics = {f"win_rate/{k}": v for k, v in own_rate.items() if k != "n"}
-        metrics.update({f"win_rate_other_user/{k}": v for k, v in other_rate.items() if k != "n"})
+            write_report(self.ctx.run_dir / "eval", step, rates, self.items, own, self.base_responses,
+                         e.temperature)
+        names = {"own": "win_rate", "other": "win_rate_other_user", "sampled": "win_rate_sampled"}
+        metrics = {f"{names[which]}/{k}": v for which, rate in rates.items() for k, v in rate.items() if k != "n"}
         return EvalResult(metrics=metrics, text={"sample": f"{self.items[0]['question']}\n\n{own[0]}"})
 
     # --- `scaleyard sample RUN --known REQUEST.json --out ANSWERS.json` -----------------------------
