@@ -33,7 +33,8 @@ log = logging.getLogger("scaleyard")
 # Keys that may change when a run is resumed (extend it, change cadences); anything else would
 # silently mix two different experiments in one folder.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
-                     "train.ckpt_every_minutes", "train.keep_checkpoints", "data.num_workers", "data.shard_base")
+                     "train.ckpt_every_minutes", "train.keep_checkpoints", "data.num_workers", "data.shard_base",
+                     "engine.tp_size")  # megatron checkpoints are laid out anew for another TP size
 EXIT_PREEMPTED = 3
 
 

@@ -207,12 +207,12 @@ class Trainer:
 
     def _try_load(self, ref: CheckpointRef) -> str | None:
         """None when `ref` verified and loaded on every rank, else the reason (agreed by all). A
-        sharded checkpoint of another world size is an error, not a damaged checkpoint."""
-        if not self.engine.replicated:
-            _check_same_world(ref.path, self.env.world_size, self.engine.name)
+        sharded checkpoint its engine cannot lay out for this world size is an error, not a damaged one."""
         problems = verify(ref.path, self.env.rank, self.env.world_size)
         if self.engine.any_rank([bool(problems)])[0]:
             return "; ".join(problems) or "another rank found it damaged (see its log)"
+        if not self.engine.replicated:  # written by another world size: the engine lays its shards out anew
+            ref = CheckpointRef(ref.step, self.engine.resume_folder(ref.path, _saved_world(ref.path)))
         try:
             self._load(ref)
             error = ""
@@ -427,17 +427,9 @@ class Trainer:
                 "Lower optim.lr, enable train.clip_grad_norm, or check the data of this step.")
 
 
-def _check_same_world(checkpoint: Path, world_size: int, engine: str) -> None:
-    try:
-        meta = json.loads((checkpoint / "meta.json").read_text())
-    except (OSError, ValueError):
-        return  # an unreadable meta.json is verify()'s to report
-    if meta.get("world_size") != world_size:
-        raise RuntimeError(
-            f"{checkpoint} holds {engine} shards of {meta.get('world_size')} ranks and this run has {world_size}; "
-            f"sharded checkpoints resume at the same world size (export full weights with `scaleyard export` "
-            f"to start a new run from them)"
-        )
+def _saved_world(checkpoint: Path) -> int:
+    """The world size that wrote a (verified) checkpoint."""
+    return int(json.loads((checkpoint / "meta.json").read_text())["world_size"])
 
 
 def _write_atomic(path: Path, body: str) -> None:

@@ -149,6 +149,14 @@ class Engine:
     def load_state(self, folder: Path) -> None:
         """Collective: the counterpart of `save_state`."""
 
+    def resume_folder(self, folder: Path, saved_world: int) -> Path:
+        """Collective (sharded engines): the folder to load `folder`'s checkpoint from at this world
+        size, `folder` itself when its layout already fits (platform/engines/reshard.py)."""
+        if saved_world != self.env.world_size:
+            raise RuntimeError(f"{folder} holds {self.name} shards of {saved_world} ranks and this run has "
+                               f"{self.env.world_size}; this engine resumes at the same world size only")
+        return folder
+
     def parameters(self) -> Iterator[nn.Parameter]:
         assert self.module is not None
         return self.module.parameters()

@@ -9,13 +9,18 @@ partitioned like the trained model (as DeepSpeed-Chat does for its reference mod
 parameters evaluation is collective (every rank runs it, rank 0 reports).
 
 Checkpoints use DeepSpeed's sharded format inside the platform's checkpoint folder
-(`step_*/deepspeed/`), written by every rank; `scaleyard export` consolidates them.
+(`step_*/deepspeed/`), written by every rank; `scaleyard export` consolidates them. A run resumes
+at another data-parallel world size through DeepSpeed's universal checkpoint: the shards are
+converted (`ds_to_universal`) into a folder beside the checkpoint and loaded with
+`load_universal`; a ZeRO-3 EMA's partitions are merged and split again (`resume_folder`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -26,8 +31,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from scaleyard.platform.checkpoint_integrity import safe_load
 from scaleyard.platform.config import ConfigError, batch_per_rank
 from scaleyard.platform.distributed import DistEnv
+from scaleyard.platform.engines import reshard
 from scaleyard.platform.engines.base import Blocks, DDPEngine
 from scaleyard.platform.optim import EMA, copy_for_ema
 
@@ -173,6 +180,8 @@ class DeepSpeedEngine(DDPEngine):
         self.low_precision = cfg.train.precision in ("bf16", "fp16")
         self.collective_eval = self.sharded_params
         self._ema_copy: nn.Module | None = None
+        self._sharded_ema: ShardedEMA | None = None
+        self._universal: Path | None = None  # the converted folder `load_state` is about to read
 
     def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], tp_plan: Any = None,
              blocks: Blocks | None = None) -> nn.Module:
@@ -208,6 +217,7 @@ class DeepSpeedEngine(DDPEngine):
         shadow, _, _, _ = deepspeed.initialize(model=self._ema_copy, config=_frozen_config(self.ds_config, ema=True))
         ema = ShardedEMA(shadow.module, decay)
         self._ema_copy = None
+        self._sharded_ema = ema
         return ema
 
     def evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager:
@@ -259,10 +269,92 @@ class DeepSpeedEngine(DDPEngine):
         self.wrapped.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
     def load_state(self, folder: Path) -> None:
-        path, _ = self.wrapped.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False, load_module_strict=True)
+        universal = folder == self._universal
+        # load_universal is read only by load_checkpoint, so it is set for this one load rather than
+        # at initialize (when the checkpoint's world size is not known yet)
+        config = self.wrapped._config
+        before, config.load_universal_checkpoint = config.load_universal_checkpoint, universal
+        try:
+            path, _ = self.wrapped.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False, load_module_strict=True)
+        finally:
+            config.load_universal_checkpoint = before
         if path is None:
             raise FileNotFoundError(f"{folder / TAG} holds no DeepSpeed checkpoint")
+        if universal:
+            self._repair_zero3_universal_load(folder)
+            self._universal = None
+            self.barrier()
+            if self.env.rank == 0:
+                reshard.remove(folder)
+
+    def resume_folder(self, folder: Path, saved_world: int) -> Path:
+        """Another data-parallel world size: rank 0 converts the shards into a universal checkpoint
+        beside `folder` (never modified); each rank rebuilds its ZeRO-3 EMA partitions."""
+        if saved_world == self.env.world_size:
+            return folder
+        cache = reshard.cache_folder(folder, self.env.world_size)
+        failed: Exception | None = None
+        if self.env.rank == 0:
+            try:
+                reshard.prepare(folder, self.env.world_size)
+                to_universal(folder / TAG, cache / TAG)
+            except Exception as err:  # noqa: BLE001 - reported on every rank below, not left to hang them
+                failed = err
+        if self.any_rank([failed is not None])[0]:
+            raise RuntimeError(f"converting {folder / TAG} to a universal checkpoint failed"
+                               f"{f': {failed}' if failed else ' on rank 0 (see its log)'}")
+        reshard.write_local(folder, cache, self.env.rank, saved_world,
+                            lambda local: self._resharded_ema(folder, saved_world, local))
+        self.barrier()
+        log.info("resuming %s (%d ranks) at %d ranks through a universal checkpoint", folder.name, saved_world,
+                 self.env.world_size)
+        self._universal = cache
+        return cache
+
+    def _resharded_ema(self, folder: Path, saved_world: int, local: dict) -> dict:
+        """ZeRO-3 EMA: every saved rank's partitions, concatenated (the flat parameter, end-padded),
+        then cut into this world's partitions (`export._zero3_ema` merges them the same way)."""
+        if self._sharded_ema is None:
+            return local
+        parts = [safe_load(folder / f"local_rank{r}.pt", map_location="cpu")["ema"] for r in range(saved_world)]
+        rank, out = self.env.rank, {}
+        for name, param in self._sharded_ema.shadow.named_parameters():
+            size = param.ds_tensor.numel()
+            flat = torch.cat([p[name].flatten() for p in parts])[: param.ds_numel]
+            mine = flat[rank * size: (rank + 1) * size]
+            out[name] = torch.cat([mine, mine.new_zeros(size - mine.numel())])
+        return {**local, "ema": out}
+
+    def _repair_zero3_universal_load(self, folder: Path) -> None:
+        """Two defects of ZeRO-3's universal load in DeepSpeed 0.19.8
+        (stage3 `load_hp_checkpoint_state_from_checkpoint_dir_stage3`), undone here: every parameter
+        group gets the first saved group's settings (e.g. weight decay on norms and biases), and all
+        groups share one `step` tensor, which AdamW then advances once per group and step (wrong
+        bias correction from the first step on)."""
+        if self.stage != 3:
+            return
+        saved = torch.load(folder / TAG / "zero" / "optimizer_state.pt", map_location="cpu",
+                           weights_only=False)  # written by our own conversion of a verified checkpoint
+        for group, saved_group in zip(self.optimizer.param_groups, saved["optimizer_state_dict"]["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's `ds_to_universal` in this process (one worker: no process pool to spawn)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # the platform's models carry no Megatron-style universal-checkpoint info
+                              inject_missing_state=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ds_to_universal.main(args)
+    log.debug("ds_to_universal: %s", printed.getvalue())
 
 
 def full_state(module: nn.Module, sharded: bool, low_precision: bool = False) -> dict[str, torch.Tensor]:

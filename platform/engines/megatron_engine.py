@@ -8,7 +8,10 @@ every rank, then the plan the job declares (`Job.tp_plan`, written beside the mo
 ones (platform/engines/tensor_parallel.py). A job without a plan is refused at launch.
 Data is split over replicas only. Checkpoints hold one file per tensor-parallel rank
 (`step_*/megatron/tp_rank<R>.pt`, written by the first replica) plus the sharding layout, from
-which `model_state` and `scaleyard export` rebuild the single-device weights.
+which `model_state` and `scaleyard export` rebuild the single-device weights. A checkpoint written
+at another tensor-parallel (or world) size is laid out anew on load (`resume_folder`): weights,
+AdamW moments (split like their parameters) and EMA slices are merged with that layout and split
+for this run, in a folder beside the checkpoint (platform/engines/reshard.py).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from torch import nn
 from scaleyard.platform.checkpoint_integrity import safe_load
 from scaleyard.platform.config import ConfigError
 from scaleyard.platform.distributed import DistEnv
+from scaleyard.platform.engines import reshard
 from scaleyard.platform.engines.base import Blocks, DDPEngine
-from scaleyard.platform.engines.tensor_parallel import Sharding, apply_tp_plan, parse_plan, unshard
+from scaleyard.platform.engines.tensor_parallel import Sharding, apply_tp_plan, parse_plan, shard, unshard
 from scaleyard.platform.optim import EMA, copy_for_ema
 
 FOLDER = "megatron"
@@ -71,6 +75,7 @@ class MegatronEngine(DDPEngine):
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.layout: dict[str, Sharding] = {}
         self._ema_copy: nn.Module | None = None
+        self._resharded: Path | None = None  # the folder `load_state` is about to read, when laid out anew
 
     @property
     def data_rank(self) -> int:
@@ -145,7 +150,8 @@ class MegatronEngine(DDPEngine):
         if parallel_state.get_data_parallel_rank() == 0:  # replicas hold identical shards
             (folder / FOLDER).mkdir(exist_ok=True)
             torch.save({"model": _local_state(self.module), "optimizer": self.optimizer.state_dict(),
-                        "layout": {k: [v.dim, v.parts] for k, v in self.layout.items()}, "tp_size": self.tp_size},
+                        "layout": {k: [v.dim, v.parts] for k, v in self.layout.items()}, "tp_size": self.tp_size,
+                        "optimizer_names": self._optimizer_names()},
                        folder / FOLDER / f"tp_rank{self.tp_rank}.pt")
 
     def load_state(self, folder: Path) -> None:
@@ -155,6 +161,110 @@ class MegatronEngine(DDPEngine):
                                f"{self.tp_size} (export it with `scaleyard export` and start a new run)")
         self.module.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        if folder == self._resharded:
+            self._resharded = None
+            self.barrier()
+            if self.env.rank == 0:
+                reshard.remove(folder)
+
+    def resume_folder(self, folder: Path, saved_world: int) -> Path:
+        """A checkpoint of another tensor-parallel or world size: this rank's weights, AdamW moments
+        and EMA slices merged from the saved files and split for this layout, beside `folder`."""
+        files = shard_files(folder / FOLDER)
+        if len(files) == self.tp_size and saved_world == self.env.world_size:
+            return folder
+        cache = reshard.cache_folder(folder, self.env.world_size)
+        failed: Exception | None = None
+        if self.env.rank == 0:
+            try:
+                reshard.prepare(folder, self.env.world_size)
+                (cache / FOLDER).mkdir()
+            except OSError as err:
+                failed = err
+        if self.any_rank([failed is not None])[0]:
+            raise RuntimeError(f"cannot write the resharded copy of {folder}: {failed or 'see rank 0'}")
+        states = [safe_load(f, map_location="cpu") for f in files]
+        if self.data_rank == 0:
+            torch.save(resharded_file(states, self.tp_rank, self.tp_size, self._optimizer_names()),
+                       cache / FOLDER / f"tp_rank{self.tp_rank}.pt")
+        reshard.write_local(folder, cache, self.env.rank, saved_world,
+                            lambda local: self._resharded_ema(folder, states, local))
+        self.barrier()
+        self._resharded = cache
+        return cache
+
+    def _resharded_ema(self, folder: Path, states: list[dict], local: dict) -> dict:
+        """The EMA slices of the first saved replica (ranks 0..tp-1), merged and split for this rank."""
+        saved_tp = len(states)
+        slices = [safe_load(folder / f"local_rank{r}.pt", map_location="cpu") for r in range(saved_tp)]
+        if "ema" not in slices[0]:
+            return local
+        layout = _layout(states[0])
+        ema = {name: shard(unshard([s["ema"][name] for s in slices], layout[name]), layout[name], self.tp_rank,
+                           self.tp_size) if name in layout else tensor
+               for name, tensor in slices[0]["ema"].items()}
+        return {**local, "ema": ema}
+
+    def _optimizer_names(self) -> list[str]:
+        """Parameter names in the optimizer's state-dict order (its indices), so that saved moments
+        can be matched with their parameters' layout."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("tp_rank*.pt"), key=lambda p: int(p.stem[len("tp_rank"):]))
+
+
+def _layout(state: dict) -> dict[str, Sharding]:
+    return {k: Sharding(*v) for k, v in state["layout"].items()}
+
+
+def _names(state: dict, fallback: list[str] | None) -> list[str]:
+    names = state.get("optimizer_names", fallback)  # checkpoints before it was saved: this run's order
+    if names is None:
+        raise KeyError("the checkpoint records no optimizer parameter names (written by an older scaleyard)")
+    return names
+
+
+def consolidated_optimizer_state(files: list[Path], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per parameter name, its optimizer state with split tensors merged (single-device shapes)."""
+    return _merge_optimizer([safe_load(f, map_location="cpu") for f in files], names)
+
+
+def _merge_optimizer(states: list[dict], names: list[str] | None) -> dict[str, dict[str, Any]]:
+    layout, names = _layout(states[0]), _names(states[0], names)
+    merged = {}
+    for index, values in states[0]["optimizer"]["state"].items():
+        name = names[index]
+        how = layout.get(name)
+        merged[name] = {key: unshard([s["optimizer"]["state"][index][key] for s in states], how)
+                        if how is not None and torch.is_tensor(value) and value.dim() > 0 else value
+                        for key, value in values.items()}
+    return merged
+
+
+def resharded_file(states: list[dict], tp_rank: int, tp_size: int, names: list[str]) -> dict[str, Any]:
+    """The `tp_rank<R>.pt` content a run at `tp_size` would have written, from another size's files."""
+    layout = _layout(states[0])
+    full_model = {name: unshard([s["model"][name] for s in states], layout[name]) if name in layout else tensor
+                  for name, tensor in states[0]["model"].items()}
+    saved_names = _names(states[0], names)
+    if saved_names != names:
+        raise RuntimeError("the checkpoint's optimizer holds other parameters (or another order) than this model; "
+                           "resume with the model configuration that wrote it")
+    full_optimizer = _merge_optimizer(states, names)
+    position = {name: index for index, name in enumerate(saved_names)}
+    optimizer = {"param_groups": states[0]["optimizer"]["param_groups"], "state": {}}
+    for name, values in full_optimizer.items():
+        how = layout.get(name)
+        optimizer["state"][position[name]] = {
+            key: shard(value, how, tp_rank, tp_size) if how is not None and torch.is_tensor(value) and value.dim() > 0
+            else value for key, value in values.items()}
+    model = {name: shard(tensor, layout[name], tp_rank, tp_size) if name in layout else tensor
+             for name, tensor in full_model.items()}
+    return {"model": model, "optimizer": optimizer, "layout": states[0]["layout"], "tp_size": tp_size,
+            "optimizer_names": saved_names}
 
 
 def _local_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,4 +305,5 @@ def merge_ema_files(folder: Path, model_files: list[Path]) -> dict[str, torch.Te
             for name, tensor in slices[0].items()}
 
 
-__all__ = ["MegatronEngine", "check_megatron", "gather_full_state", "merge_ema_files", "merge_shard_files"]
+__all__ = ["MegatronEngine", "check_megatron", "consolidated_optimizer_state", "gather_full_state", "merge_ema_files",
+           "merge_shard_files", "resharded_file"]
