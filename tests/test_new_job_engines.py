@@ -8,7 +8,7 @@ stream, declared blocks). Both jobs count their layer calls, so a test sees each
 - ddp: both learn; for the Llama, activation checkpointing recomputes every layer and gives the
   identical loss curve and weights;
 - DeepSpeed ZeRO-3 with activation checkpointing follows ddp for both; the frozen reference model
-  is partitioned like the trained one; the Llama run resumes exactly after a SIGKILL;
+  is partitioned like the trained one; the Llama run resumes exactly after a SIGKILL (slow);
 - megatron TP=2 with activation checkpointing splits the Llama by its plan, follows ddp and
   exports weights that load into the plain model;
 - the planner sizes the Llama from its shape: `scaleyard plan` and `engine.name=auto` (the
@@ -169,6 +169,7 @@ def test_zero3_with_checkpointing_follows_ddp(runs, job):
             assert 0.5 * total <= probe["local_reference"] <= 0.5 * total + 8, probe
 
 
+@pytest.mark.slow  # two more launches (~40 s); exact ZeRO-3 resume itself is in test_engines_deepspeed.py
 def test_zero3_llama_resumes_exactly_after_sigkill(runs, installed, tmp_path, monkeypatch):
     reference = runs("llama_probe", "zero3_ckpt")
     interrupted = tmp_path / "interrupted"
