@@ -112,6 +112,9 @@ def test_synthetic_users_scorer_and_prompt_format():
     assert m2["bullets"] == 0 and m2["formality"] == 0.0 and m2["length"] == 0.0 and m2["examples"] == 0
     persona = {"length": -1.0, "bullets": 0.0, "formality": -1.0, "examples": 0.0, "summary": 0.0}
     assert reward(persona, short_casual) > reward(persona, long_bullets)
+    # a non-answer or a loop loses to any real answer, even for a user who wants short answers
+    looping = "Hey! it's easy.\nHey! it's easy.\nHey! it's easy."
+    assert max(reward(persona, ""), reward(persona, looping)) < reward(persona, long_bullets)
 
     train = [example(0, "train", i, shots=4, pairs_per_user=6, examples_per_user=3) for i in range(60)]
     held = [example(0, "heldout", i, shots=4, pairs_per_user=6, examples_per_user=3) for i in range(30)]

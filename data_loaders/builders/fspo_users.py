@@ -75,9 +75,26 @@ def measure(text: str) -> dict[str, float]:
     }
 
 
+MIN_WORDS = 5
+MAX_REPEATED_LINES = 0.25
+
+
+def degenerate(text: str) -> bool:
+    """A non-answer (under MIN_WORDS words) or a loop (over MAX_REPEATED_LINES of the lines repeat an
+    earlier line): a generator's failure modes, which no user wants whatever their style."""
+    if len(text.split()) < MIN_WORDS:
+        return True
+    lines = [line.strip().lower() for line in text.splitlines() if line.strip()]
+    return (len(lines) - len(set(lines))) / len(lines) > MAX_REPEATED_LINES
+
+
 def reward(persona: Persona | Mapping[str, float], text: str) -> float:
-    """The user's reward of a response: sum over traits of weight x (2 x measured - 1)."""
+    """The user's reward of a response: sum over traits of weight x (2 x measured - 1), in
+    [-sum |w|, sum |w|]; a degenerate response gets -sum |w| - 1, below every real answer in any
+    style (template responses are never degenerate)."""
     weights = persona.as_dict() if isinstance(persona, Persona) else persona
+    if degenerate(text):
+        return -float(sum(abs(w) for w in weights.values())) - 1.0
     traits = measure(text)
     return float(sum(w * (2.0 * traits[t] - 1.0) for t, w in weights.items()))
 
