@@ -64,7 +64,14 @@ def sbatch_script(executor: submitit.AutoExecutor) -> str:
     inner = executor._executor  # submitit keeps the cluster-specific executor here
     if not hasattr(inner, "_make_submission_file_text"):
         return f"# cluster {executor.cluster}: no batch script (processes are started directly)\n"
-    return inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN")
+    script = inner._make_submission_file_text(inner._submitit_command_str, "DRY-RUN")
+    nodes, per_node = inner.parameters.get("nodes", 1), inner.parameters.get("ntasks_per_node", 1)
+    # what the srun line above becomes: the layout and the rendezvous every rank derives
+    return script + (f"\n# {nodes} node(s) x {per_node} task(s) per node = {nodes * per_node} ranks: srun starts one "
+                     "task per rank (SLURM_PROCID = rank, block order: node 1 holds ranks "
+                     f"0-{per_node - 1}).\n# Rendezvous: MASTER_ADDR = the allocation's first node (its name when "
+                     "it resolves, else its NodeAddr from `scontrol show node`); MASTER_PORT = 20000 + "
+                     "(job id + crc32(cluster name)) % 20000.\n")
 
 
 def _record(task: RunTask, job: submitit.Job, cluster: str, folder: Path, profile: ClusterProfile) -> Submission:

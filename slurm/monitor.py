@@ -35,6 +35,7 @@ from scaleyard.platform.run_record import (
     read_records,
 )  # fmt: skip
 from scaleyard.slurm.launch import SUBMISSION_FILE, Submission, job_of, read_submission
+from scaleyard.slurm.task import PLACEMENT
 
 # SLURM job states outside the common vocabulary -> (state, reason)
 SLURM_STATES = {
@@ -102,6 +103,12 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     fallbacks = run_dir / FALLBACKS
     if fallbacks.exists():  # checkpoints set aside as damaged (platform/checkpoint_integrity.py)
         row["fallbacks"] = [json.loads(line) for line in fallbacks.read_text().splitlines() if line.strip()]
+    placement = sorted((run_dir / PLACEMENT).glob("rank*.json"))
+    if placement:  # which node each rank runs on (written by every rank at each start)
+        nodes: dict[str, list[int]] = {}
+        for entry in (json.loads(path.read_text()) for path in placement):
+            nodes.setdefault(entry["node"], []).append(entry["rank"])
+        row["nodes"] = {node: sorted(ranks) for node, ranks in sorted(nodes.items())}
     attempts = run_dir / "attempts.jsonl"
     row["requeues"] = 0
     if attempts.exists():
@@ -139,6 +146,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             line += "  " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in row.get("values", {}).items())
         if row.get("reason") and row["state"] in (FAILED, CANCELLED, TIMEOUT):
             line += f"  ({row['reason'][:120]})"
+        if len(row.get("nodes", {})) > 1:
+            line += "  [ranks " + " ".join(f"{n}:{','.join(map(str, r))}" for n, r in row["nodes"].items()) + "]"
         if row.get("fallbacks"):
             last, earlier = row["fallbacks"][-1], len(row["fallbacks"]) - 1
             line += (f"  [fell back: {last['checkpoint']} set aside, resumed from {last['resumed_from']}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("scaleyard")
+PLACEMENT = "placement"
 
 
 class RunTask:
@@ -33,16 +34,24 @@ class RunTask:
         import submitit
         import torch
 
-        from scaleyard.platform.distributed import env_from_os
+        from scaleyard.platform.distributed import env_from_os, slurm_rendezvous
         from scaleyard.platform.launch import prepare, run_here
         from scaleyard.platform.trainer import Preempted
 
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                             format="%(asctime)s [%(name)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        pinned = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}  # profile setup
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if "SLURM_JOB_ID" in os.environ:
+            # submitit takes the first node's name (which need not resolve: a hung rendezvous) and a
+            # port drawn at random from the job id (which may collide): see slurm_rendezvous
+            os.environ.update({**slurm_rendezvous(dict(os.environ)), **pinned})
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue
         env = env_from_os()
+        log.info("rank %d of %d on node %s (rendezvous %s:%d)", env.rank, env.world_size, env.node,
+                 env.master_addr, env.master_port)
+        self._record_placement(env.rank, env.node)
         if env.rank == 0:
             self._record_attempt()
         prepared = prepare(self.job_name, self.overrides, self.preset or None, env.world_size)
@@ -65,6 +74,14 @@ class RunTask:
         import submitit
 
         return submitit.helpers.DelayedSubmission(RunTask(self.job_name, self.preset, self.overrides, self.run_dir))
+
+    def _record_placement(self, rank: int, node: str) -> None:
+        """`placement/rank<R>.json`: the node this rank runs on (this start), for `scaleyard status`."""
+        folder = Path(self.run_dir) / PLACEMENT
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = {"rank": rank, "node": node, "job_id": os.environ.get("SLURM_JOB_ID", ""),
+                 "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+        (folder / f"rank{rank}.json").write_text(json.dumps(entry))
 
     def _record_attempt(self) -> None:
         """One line per start of the job (first start and every requeue), for `scaleyard status`."""
