@@ -3,6 +3,7 @@ config as YAML and writes nothing; the pre-flight check names a failing rank and
 (Sharded checkpoints resuming at another world size: tests/test_elastic_resume.py.)"""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_preflight_names_the_failing_rank_and_its_host(tmp_path):
     said = {r: (tmp_path / f"rank{r}.txt").read_text() for r in range(2)}
     host = socket.gethostname()
     assert said[1].startswith(f"rank 1 on {host}: device meta failed its check"), said
-    # the healthy rank does not hang: it gives up at the barrier, naming the rank that never came
-    assert said[0].startswith(f"rank 0 on {host}: pre-flight barrier failed"), said
-    assert "Ranks 1 failed to pass monitoredBarrier" in said[0], said
+    # the healthy rank does not hang: it gives up after the timeout, naming the rank that never came
+    assert said[0].startswith(f"rank 0 on {host}: pre-flight"), said
+    assert re.search(r"\b[Rr]anks? 1\b", said[0]), said
 
