@@ -328,3 +328,42 @@ def test_memory_shape_and_flops_of_a_3b_llama_from_its_config_alone(tmp_path):
     assert FSPO.flops_per_sample(cfg) == pytest.approx(2 * 8 * shape.trainable * 2048)
     cfg.loss.kind = "sft"
     assert FSPO.memory_shape(cfg).frozen == 0
+
+
+def test_lora_trains_only_adapters_and_starts_equal_to_the_base(tokenizer):
+    pytest.importorskip("peft")
+    from scaleyard.models.lm.lora import add_lora, decoder_layers, merge_lora
+
+    spec = LMSpec(hidden=32, layers=2, heads=4, kv_heads=2, mlp_hidden=64, max_tokens=64)
+    base = tiny_llama(spec, tokenizer)
+    ids = torch.tensor([tokenizer("the adapters start at zero")["input_ids"]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    adapted = add_lora(tiny_llama(spec, tokenizer), rank=4, alpha=8.0)
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(decoder_layers(adapted)) == 2
+    with torch.no_grad():
+        assert torch.equal(adapted(input_ids=ids).logits, before)
+        for n, p in adapted.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+        changed = adapted(input_ids=ids).logits
+        assert not torch.allclose(changed, before)
+        assert torch.allclose(merge_lora(adapted)(input_ids=ids).logits, changed, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_run_through_the_cli(tmp_path):
+    pytest.importorskip("peft")
+    run_dir = tmp_path / "lora"
+    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=3", "model.lora_rank=4",
+                     f"run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = _weights(run_dir).weights
+    assert any("lora_B" in k for k in weights) and any(float(v.abs().sum()) > 0 for k, v in weights.items()
+                                                        if "lora_B" in k)
+    # an IPO run can start from it: its adapters are merged into a plain model
+    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=1", f"model.init_from={run_dir}",
+                     "eval.examples=0", f"run.dir={tmp_path / 'next'}")
+    assert done.returncode == 0, done.stderr[-3000:]

