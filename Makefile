@@ -37,12 +37,18 @@ $(DATA): | $(INSTALLED) system-deps
 demo: install system-deps $(DATA)
 	$(PY) -m scaleyard.jobs.t2i.demo --out runs/demo --data data/fashion_mnist
 
-# The SLURM tests need a cluster: start the local one when `sinfo` finds none, stop it after.
+# The SLURM tests need two clusters: the single-node one and, beside it, the two-node one (n1, n2;
+# reached through SLURM_CONF=$(SLURM2_CONF)). Start each when `sinfo` finds none; stop after
+# exactly what was started here, the two-node one first (it shares the single-node one's slurmdbd).
+SLURM2_CONF := /var/lib/scaleyard-slurm-2node/slurm.conf
 test: install system-deps
 	$(VENV)/bin/ruff check .
-	@started=0; \
+	@started=0; started2=0; \
 	if ! sinfo -h >/dev/null 2>&1; then bash slurm/cluster/start.sh || exit 1; started=1; fi; \
+	if ! SLURM_CONF=$(SLURM2_CONF) sinfo -h >/dev/null 2>&1; then \
+	  bash slurm/cluster/start-2node.sh || { [ $$started = 1 ] && bash slurm/cluster/stop.sh; exit 1; }; started2=1; fi; \
 	$(VENV)/bin/pytest -q; rc=$$?; \
+	if [ $$started2 = 1 ]; then bash slurm/cluster/stop-2node.sh; fi; \
 	if [ $$started = 1 ]; then bash slurm/cluster/stop.sh; fi; \
 	exit $$rc
 
