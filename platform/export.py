@@ -19,6 +19,7 @@ import torch
 
 from scaleyard.platform.checkpoint import Checkpointer, CheckpointRef, weights_sha256
 from scaleyard.platform.checkpoint_integrity import safe_load, verify
+from scaleyard.platform.engines.activation_checkpointing import plain_names
 
 FORMATS = ("safetensors",)
 log = logging.getLogger("scaleyard")
@@ -52,6 +53,12 @@ def find_checkpoint(run_dir: Path, step: int | None) -> CheckpointRef:
 
 
 def full_weights(ref: CheckpointRef, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Single-device weights under the plain model's names (activation checkpointing's wrapper
+    names, which DeepSpeed records, are removed)."""
+    return plain_names(_engine_weights(ref, ema))
+
+
+def _engine_weights(ref: CheckpointRef, ema: bool) -> dict[str, torch.Tensor]:
     meta = json.loads((ref.path / "meta.json").read_text())
     engine, world = meta.get("engine", "single"), int(meta.get("world_size", 1))
     state = safe_load(ref.path / "train_state.pt", map_location="cpu")

@@ -402,8 +402,7 @@ class Trainer:
             "step": self.step,
             "final_loss": self.loss_value,
             # ds_numel: ZeRO-3 leaves partitioned parameters empty on every rank
-            "params": self.job.model_size(cfg) or sum(getattr(p, "ds_numel", p.numel())
-                                                      for p in engine.module.parameters() if p.requires_grad),
+            "params": self.job.model_size(cfg) or _trained_parameters(engine),
             "samples_seen": samples_seen,
             "compute_flops": self.flops_per_sample * samples_seen,
             "weights_sha256": weights_sha256(engine.model_state()),
@@ -430,6 +429,15 @@ class Trainer:
 def _saved_world(checkpoint: Path) -> int:
     """The world size that wrote a (verified) checkpoint."""
     return int(json.loads((checkpoint / "meta.json").read_text())["world_size"])
+
+
+def _trained_parameters(engine) -> int:
+    """Trainable parameters of the whole model, whatever this rank holds: ZeRO-3 leaves partitioned
+    parameters empty (`ds_numel` is the full count); tensor parallelism leaves a 1/tp slice of
+    each split weight (marked `tensor_model_parallel`)."""
+    tp = getattr(engine, "tp_size", 1)
+    return sum(getattr(p, "ds_numel", p.numel()) * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+               for p in engine.module.parameters() if p.requires_grad)
 
 
 def _write_atomic(path: Path, body: str) -> None:

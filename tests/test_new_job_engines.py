@@ -14,7 +14,7 @@ stream, declared blocks). Both jobs count their layer calls, so a test sees each
 - the planner sizes the Llama from its shape: `scaleyard plan` and `engine.name=auto` (the
   launcher, for a cluster profile's GPUs) pick a sharded engine for a 0.85B config on 8 x 16 GB
   GPUs, ddp for the tiny one.
-Platform defects these jobs found are at the end, as strict xfails.
+Platform defects these jobs found are tested at the end (fixed).
 """
 
 from __future__ import annotations
@@ -230,19 +230,13 @@ def test_planner_sizes_the_llama_from_its_shape(installed, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# --- platform defects these jobs found (issue #11): strict xfails, so a fix makes them fail until
-# the marker goes ----------------------------------------------------------------------------------
-
-ZERO3_CKPT_NAMES = ("DeepSpeed engine + activation checkpointing: its weights carry the checkpoint wrapper's "
-                    "'_checkpoint_wrapped_module.' names (export), and model_state() holds every parameter twice, "
-                    "under both names (summary.json's weights_sha256)")
-TP_PARAMS = ("Trainer._finish counts the parameters this rank holds: under megatron, one tensor-parallel slice of "
-             "every split weight")
-ZERO3_EVAL_RELEASE = ("DeepSpeedEngine.evaluation gathers the ZeRO-3 model, but the model's first forward releases "
-                      "its parameters again (DeepSpeed's module hooks): code after a forward reads empty ones")
+# --- platform defects these jobs found (issue #11), fixed: each test failed before its fix -------------
+# DeepSpeed + activation checkpointing recorded the wrapper's '_checkpoint_wrapped_module.' names
+# (export) and model_state() held every parameter twice (weights_sha256); under megatron the
+# summary counted one tensor-parallel slice; DeepSpeedEngine.evaluation's gathered ZeRO-3 model
+# was released again by the first forward.
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ZERO3_CKPT_NAMES)
 def test_zero3_checkpointed_run_exports_under_the_model_names(runs, installed, tmp_path):
     run_dir = runs("llama_probe", "zero3_ckpt")
     weights = export(run_dir, tmp_path / "zero3.safetensors", installed)
@@ -251,12 +245,10 @@ def test_zero3_checkpointed_run_exports_under_the_model_names(runs, installed, t
     load_into_llama(weights)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=TP_PARAMS)
 def test_tensor_parallel_summary_counts_the_whole_model(runs):
     assert summary(runs("llama_probe", "tp2_ckpt"))["params"] == summary(runs("llama_probe", "ddp"))["params"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ZERO3_EVAL_RELEASE)
 def test_zero3_evaluation_keeps_parameters_gathered_after_a_forward(runs):
     run_dir = runs("reference_probe", "zero3_ckpt")
     for rank in range(2):

@@ -69,3 +69,16 @@ def apply_activation_checkpointing(model: nn.Module,
     for parent, name in found:  # Module.__setattr__ also replaces ModuleList/Sequential items by their index
         setattr(parent, name, checkpoint_wrapper(getattr(parent, name), checkpoint_impl=CheckpointImpl.NO_REENTRANT))
     return len(found)
+
+
+WRAPPED = "_checkpoint_wrapped_module."
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name as the unwrapped model has it. torch's checkpoint wrapper strips its own
+    prefix from `state_dict()` keys but not from `named_parameters()`, which DeepSpeed records."""
+    return name.replace(WRAPPED, "")
+
+
+def plain_names(state: dict) -> dict:
+    return {plain_name(name): value for name, value in state.items()}

@@ -23,6 +23,7 @@ import importlib
 import io
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from scaleyard.platform.checkpoint_integrity import safe_load
 from scaleyard.platform.config import ConfigError, batch_per_rank
 from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.engines import reshard
+from scaleyard.platform.engines.activation_checkpointing import plain_name
 from scaleyard.platform.engines.base import Blocks, DDPEngine
 from scaleyard.platform.optim import EMA, copy_for_ema
 
@@ -228,9 +230,7 @@ class DeepSpeedEngine(DDPEngine):
         keeps the partitions (for models that do not fit whole and evaluate through forward only)."""
         if not self.sharded_params or not self.cfg.engine.gather_params_for_eval:
             return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        return _gathered_for_evaluation(model)
 
     # --- one step -----------------------------------------------------------------------------
     def accumulating(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
@@ -357,6 +357,25 @@ def to_universal(source: Path, target: Path) -> None:
     log.debug("ds_to_universal: %s", printed.getvalue())
 
 
+@contextlib.contextmanager
+def _gathered_for_evaluation(model: nn.Module) -> Iterator[None]:
+    """The whole ZeRO-3 model gathered, and kept gathered through forward passes: DeepSpeed's
+    module hooks release a module's parameters after its forward even inside GatheredParameters,
+    except those flagged as external (its flag for parameters used outside their own module)."""
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        flags = [getattr(p, "is_external_param", False) for p in params]
+        for p in params:
+            p.is_external_param = True
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags):
+                p.is_external_param = flag
+
+
 def full_state(module: nn.Module, sharded: bool, low_precision: bool = False) -> dict[str, torch.Tensor]:
     """One parameter at a time, to the CPU: gathering a whole ZeRO-3 model at once would need the
     full model on every GPU, which is what ZeRO-3 is there to avoid."""
@@ -369,7 +388,7 @@ def full_state(module: nn.Module, sharded: bool, low_precision: bool = False) ->
         if full is None and sharded:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 full = param.detach().clone()
-        out[name] = (param.detach() if full is None else full).cpu().clone()
+        out[plain_name(name)] = (param.detach() if full is None else full).cpu().clone()
     for name, value in module.state_dict().items():  # buffers (never partitioned)
         if name not in out:
             out[name] = value.detach().cpu().clone()
