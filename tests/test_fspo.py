@@ -142,6 +142,11 @@ def test_builder_is_deterministic_and_refuses_too_few_pairs(tmp_path):
             a, b = (tmp_path / name / split / shard.name for name in ("a", "b"))
             assert a.read_bytes() == b.read_bytes()
     assert first["train"].extra["shots"] == 2
+    from scaleyard.data_loaders.pipeline import first_samples
+
+    written = next(first_samples(first["heldout"], lambda raw, pos: {"ex": json.loads(raw["json"])}, 6, 6))["ex"]
+    expected = [example(0, "heldout", i, shots=2, pairs_per_user=3, examples_per_user=2) for i in range(6)]
+    assert sorted(map(json.dumps, written)) == sorted(map(json.dumps, expected))  # read in shuffled shard order
     from scaleyard.data_loaders.index import DataError
 
     with pytest.raises(DataError, match="fewer shots than asked"):
@@ -155,9 +160,13 @@ def _weights(run_dir: Path):
 
 
 def test_ipo_run_through_the_cli_raises_the_chosen_log_prob(tmp_path, tokenizer):
+    # from shards written by the fspo builder (the other tests use the same examples generated on the fly)
+    data = tmp_path / "data"
+    build("fspo", data, shard_size=8, users=8, heldout_users=4, shots=1, pairs_per_user=3, examples_per_user=2)
     run_dir = tmp_path / "ipo"
     done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=6", "optim.lr=3e-3",
-                     "eval.temperature=1.0", f"run.dir={run_dir}")
+                     "eval.temperature=1.0", f"data.path={data}/train", f"data.eval_path={data}/heldout",
+                     "data.lanes=2", f"run.dir={run_dir}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     # the policy's log-probs on training examples, before (the seeded initial model) and after
     from omegaconf import OmegaConf
@@ -166,7 +175,7 @@ def test_ipo_run_through_the_cli_raises_the_chosen_log_prob(tmp_path, tokenizer)
     from scaleyard.jobs.fspo.job import build_model
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    items = [SyntheticExamples(cfg)[i] for i in range(8)]
+    items = [SyntheticExamples(cfg)[i] for i in range(8)]  # the same examples as the shards hold
     batch = encode_pairs(tokenizer, [i["prompt"] for i in items] * 2, [i["chosen"] for i in items]
                          + [i["rejected"] for i in items], 512, ASSISTANT_PREFIX)
     model = build_model(cfg, tokenizer).eval()
