@@ -91,6 +91,7 @@ class _StepOutcome:
     loss: torch.Tensor
     metrics: dict[str, float]
     grad_norm: torch.Tensor
+    lr: float  # the learning rate this step's update used
     stop_requested: bool
     checkpoint_due: bool
 
@@ -293,11 +294,12 @@ class Trainer:
             problems = getattr(self.train_data, "problems", [])
             raise RuntimeError(f"more than data.max_skip_share={cfg.data.max_skip_share} of samples were unreadable "
                                f"at step {self.step + 1}; first problems: {problems[:3]}")
+        lr = self.scheduler.get_last_lr()[0]  # what this update uses (the scheduler moves on after it)
         grad_norm = engine.clip_and_step(cfg.train.clip_grad_norm)
         self._after_optimizer_step(grad_norm)
         next_step = self.step + 1
         periodic = bool(cfg.train.ckpt_every) and next_step % cfg.train.ckpt_every == 0
-        return _StepOutcome(step_loss, step_metrics, grad_norm, stop_now, time_due or periodic)
+        return _StepOutcome(step_loss, step_metrics, grad_norm, lr, stop_now, time_due or periodic)
 
     def _after_optimizer_step(self, grad_norm: torch.Tensor) -> None:
         """LR schedule and EMA advance only when the optimizer really stepped."""
@@ -323,7 +325,7 @@ class Trainer:
         elapsed = self.window.elapsed()
         scalars = {
             "train/loss": self.loss_value,
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": outcome.lr,
             "train/grad_norm": float(outcome.grad_norm),
             "perf/samples_per_s": self.window.samples / elapsed,
             "perf/data_wait_share": self.window.data_wait / elapsed,

@@ -104,9 +104,10 @@ def test_real_run_logs_the_schedule_and_decays_matrices_only(tmp_path, classify_
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train/lr")}
     assert sorted(logged) == list(range(1, 13))
-    # after step s the optimizer holds the lr of step s + 1: warmup 1/3, 2/3, 1, then 9 cosine steps
+    # step s is logged with the lr its update used (the schedule's value k = s - 1): warmup 1/3, 2/3,
+    # then 10 cosine steps from the peak
     factor = [(k + 1) / 3 if k < 3 else 0.2 + 0.8 * (1 + math.cos(math.pi * (k - 3) / 9)) / 2 for k in range(13)]
-    assert [logged[s] for s in range(1, 13)] == pytest.approx([0.01 * f for f in factor[1:]], rel=1e-6)
+    assert [logged[s] for s in range(1, 13)] == pytest.approx([0.01 * f for f in factor[:12]], rel=1e-6)
 
     optimizer = final_state(tmp_path)["optimizer"]
     decays = [g["weight_decay"] for g in optimizer["param_groups"]]
