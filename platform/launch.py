@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -184,7 +186,12 @@ def run_here(prepared: Prepared, env: DistEnv | None = None) -> dict:
 
 
 def run_local(prepared: Prepared, nproc: int) -> int:
-    """N local processes through torchrun (gloo on CPU); returns the exit code."""
+    """N local processes through torchrun (gloo on CPU); returns the exit code: 3 when a stop
+    signal (USR1, USR2, TERM) sent to this process made the ranks checkpoint and stop.
+
+    torchrun has no handler for USR1/USR2 (it would die and leave the ranks training) and its
+    workers do not share this process group, so the signal is forwarded to the ranks themselves,
+    which finish their step, agree, checkpoint and exit, as a SLURM job's ranks do."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "scaleyard.platform.cli", "run", prepared.job.name,
@@ -192,7 +199,39 @@ def run_local(prepared: Prepared, nproc: int) -> int:
     ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # without it, ranks fight over the cores (5-40x slower)
-    return subprocess.call(command, env=env)
+    process = subprocess.Popen(command, env=env)
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        for pid in _child_pids(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    stop_signals = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, forward) for sig in stop_signals}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if forwarded and code != 0:
+        log.warning("the ranks stopped on %s after checkpointing; resume with the same command",
+                    signal.Signals(forwarded[0]).name)
+        return EXIT_PREEMPTED
+    return code
+
+
+def _child_pids(parent: int) -> list[int]:
+    """Processes whose parent is `parent` (the ranks torchrun started), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # the command name may hold spaces or parentheses: fields after the last ')' are fixed
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent:
+                children.append(int(stat.parent.name))
+    return children
 
 
 def read_summary(run_dir: Path) -> dict:

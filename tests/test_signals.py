@@ -65,3 +65,30 @@ def test_signal_checkpoints_exits_3_and_resumes_exactly(tmp_path, classify_args,
     got, expected = (json.loads((d / "summary.json").read_text()) for d in (run_dir, tmp_path / "reference"))
     assert got["step"] == expected["step"] == stopped + 2
     assert got["weights_sha256"] == expected["weights_sha256"]
+
+
+def test_two_local_ranks_stop_on_a_signal_to_the_launcher(tmp_path, classify_args):
+    """`scaleyard run --nproc 2`: the signal reaches the ranks (torchrun would die on USR1 and leave
+    them training), both checkpoint the same step, and the launcher exits 3."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "scaleyard.platform.cli", *run_args(classify_args, run_dir, 100_000),
+               "--nproc", "2"]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while progress_step(run_dir) < 3:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the run did not reach step 3"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGUSR1)
+        output, _ = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 3, output[-3000:]
+    checkpoints = Checkpointer(run_dir / "checkpoints", 10).all()
+    assert len(checkpoints) == 1 and checkpoints[0].step >= 3, checkpoints
+    assert {p.name for p in checkpoints[0].path.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    resumed = scaleyard(*run_args(classify_args, run_dir, checkpoints[0].step + 2), "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
