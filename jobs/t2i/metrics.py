@@ -13,7 +13,7 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2) over feature rows."""
     mu_r, mu_f = real.mean(0), fake.mean(0)
     cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    root, _ = linalg.sqrtm(cov_r @ cov_f, disp=False)
+    root = linalg.sqrtm(cov_r @ cov_f)  # may warn and hold inf/nan when the product is near-singular
     if not np.isfinite(root).all():  # near-singular product: regularise as the FID reference code does
         offset = np.eye(len(cov_r)) * 1e-6
         root = linalg.sqrtm((cov_r + offset) @ (cov_f + offset))
