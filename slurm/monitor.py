@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,9 +65,21 @@ def queue_state(submission: Submission) -> tuple[str, str]:
     except Exception:  # noqa: BLE001 - a status table must not die on one run
         return ("", "")
     word, _, rest = raw.partition(" ")
+    if word == "NODE_FAIL" and requeued_by_slurm(submission.job_id):
+        # the attempt died with its node, and SLURM requeues the job (JobRequeue): not over yet
+        return (REQUEUED, "node failure; SLURM requeues the job")
     if word in STATES:
         return (word, rest.strip())  # e.g. CANCELLED by 0
     return SLURM_STATES.get(word, ("", ""))
+
+
+def requeued_by_slurm(job_id: str) -> bool:
+    """Whether the controller still holds the job and will requeue it (`Requeue=1`)."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return shown.returncode == 0 and "Requeue=1" in shown.stdout.split()
 
 
 def last_error_line(paths: list[Path]) -> str:
