@@ -30,24 +30,30 @@ def progress_step(run_dir) -> int:
         return 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
-def test_signal_checkpoints_exits_3_and_resumes_exactly(tmp_path, classify_args, signum):
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "scaleyard.platform.cli", *run_args(classify_args, run_dir, 100_000)]
+def stop_mid_run(command, run_dir, signum, timeout=180):
+    """Start `command`, send `signum` once the run is past step 3; returns (exit code, output)."""
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout
         while progress_step(run_dir) < 3:  # training (and its signal handler) is running
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, "the run did not reach step 3"
             time.sleep(0.05)
         process.send_signal(signum)
-        output, _ = process.communicate(timeout=120)
+        output, _ = process.communicate(timeout=timeout)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 3, output[-3000:]
+    return process.returncode, output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_signal_checkpoints_exits_3_and_resumes_exactly(tmp_path, classify_args, signum):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "scaleyard.platform.cli", *run_args(classify_args, run_dir, 100_000)]
+    code, output = stop_mid_run(command, run_dir, signum, timeout=120)
+    assert code == 3, output[-3000:]
     checkpoints = Checkpointer(run_dir / "checkpoints", 10).all()
     assert len(checkpoints) == 1, checkpoints  # train.ckpt_every=0: only the signal's checkpoint
     stopped = checkpoints[0].step
@@ -73,20 +79,8 @@ def test_two_local_ranks_stop_on_a_signal_to_the_launcher(tmp_path, classify_arg
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "scaleyard.platform.cli", *run_args(classify_args, run_dir, 100_000),
                "--nproc", "2"]
-    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while progress_step(run_dir) < 3:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the run did not reach step 3"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGUSR1)
-        output, _ = process.communicate(timeout=180)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 3, output[-3000:]
+    code, output = stop_mid_run(command, run_dir, signal.SIGUSR1)
+    assert code == 3, output[-3000:]
     checkpoints = Checkpointer(run_dir / "checkpoints", 10).all()
     assert len(checkpoints) == 1 and checkpoints[0].step >= 3, checkpoints
     assert {p.name for p in checkpoints[0].path.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
