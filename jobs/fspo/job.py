@@ -143,7 +143,7 @@ def starting_model(cfg: DictConfig, tokenizer) -> nn.Module:
         if rank:
             adapted = add_lora(model, rank, float(loaded.config.model.lora_alpha))
             adapted.load_state_dict(loaded.weights)
-            model = merge_lora(adapted)
+            model = merge_lora(adapted).requires_grad_(True)  # peft froze the base weights
         else:
             model.load_state_dict(loaded.weights)
     return model
