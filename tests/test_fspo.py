@@ -376,3 +376,16 @@ def test_lora_run_through_the_cli(tmp_path):
     done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=1", f"model.init_from={run_dir}",
                      "eval.examples=0", f"run.dir={tmp_path / 'next'}")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [["engine.name=ddp"], ["engine.name=deepspeed", "engine.zero_stage=2"],
+                                    ["engine.name=deepspeed", "engine.zero_stage=3", "engine.offload_optimizer=true"]])
+def test_two_ranks_on_each_engine(tmp_path, engine):
+    if "deepspeed" in engine[0]:
+        pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "run"
+    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=2", "eval.examples=0", *engine,
+                     "--nproc", "2", f"run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _summary(run_dir)["world_size"] == 2 and math.isfinite(_summary(run_dir)["final_loss"])
