@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -217,4 +218,34 @@ def test_a_node_that_dies_mid_run_ends_the_attempt_in_bounded_time_and_the_reque
     row = wait_done(run_dir, 300)  # the node is back: the requeued job resumes from its checkpoint
     assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
     assert "resumed from" in sy("logs", str(run_dir)).stdout
+    assert sha(run_dir) == sha(two_node_reference)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_node_killed_outright_is_declared_down_and_the_job_requeues_in_bounded_time(
+        two_node_reference, tmp_path, fmnist):
+    """n2 dies for real: its slurmd, the step daemon and rank 1 are SIGKILLed. Rank 0's collective
+    fails at once, but only the controller can end the job: it declares n2 down after
+    SlurmdTimeout (20 s in start-2node.sh) and requeues the job; nothing waits forever."""
+    run_dir = tmp_path / "node-killed"
+    submit(*classify(fmnist, run_dir, 300, "train.ckpt_every=50"), "--profile", "local-2node")
+    wait_step(run_dir, 60, 180)
+    record = json.loads((run_dir / "logs" / "rank1.json").read_text())
+    assert record["state"] == "RUNNING", record
+    step_daemon = int(Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+    slurmd = int((Path(CONF2).parent / "pids" / "slurmd-n2.pid").read_text())
+    killed = time.monotonic()
+    try:
+        for pid in (slurmd, step_daemon, record["pid"]):
+            os.kill(pid, signal.SIGKILL)
+        while status(run_dir)["state"] == "RUNNING":
+            assert time.monotonic() - killed < 90, "the job still runs 90 s after its node died"
+            time.sleep(2)
+        row = status(run_dir)
+        assert row["state"] in ("REQUEUED", "PENDING"), row
+    finally:
+        slurm("slurmd", "-f", CONF2, "-N", "n2")  # the node comes back (ReturnToService=2)
+    row = wait_done(run_dir, 300)
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
     assert sha(run_dir) == sha(two_node_reference)
