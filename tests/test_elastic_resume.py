@@ -34,9 +34,13 @@ from scaleyard.platform.export import full_weights
 from conftest import scaleyard
 
 STEP12 = "step_00000012"
-# per-step training loss of the continuation vs the uninterrupted run: the noise of the samples a
-# vanished (or new) rank draws differs, nothing else does (measured: <= 0.06 over 4 steps)
-LOSS_TOLERANCE = 0.1
+# per-step training loss of the continuation vs the uninterrupted run, another data-parallel world
+# size: the noise of the samples a vanished (or new) rank draws differs (measured over 4 steps:
+# 0.036 for 2 -> 1 ranks, DDP and ZeRO alike; 0.091 for 1 -> 2, where rank 1 starts a fresh RNG)
+LOSS_TOLERANCE = 0.15
+# TP=2 -> TP=1 keeps the data-parallel world (1) and so every random draw; only sums are reduced in
+# another order (measured: 2.4e-7)
+TP_LOSS_TOLERANCE = 1e-5
 # final evaluation loss (fixed evaluation noise): the weights' continuation (measured: <= 0.003)
 EVAL_TOLERANCE = 0.01
 # weights at step 12 vs the uninterrupted run, relative (measured: <= 0.03)
@@ -64,12 +68,13 @@ def scalars(run_dir: Path, tag: str) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
-def check_continuation(run_dir: Path, reference: dict, resumed_output: str, world: int) -> None:
+def check_continuation(run_dir: Path, reference: dict, resumed_output: str, world: int,
+                       loss_tolerance: float = LOSS_TOLERANCE) -> None:
     assert "resumed from" in resumed_output and "step_00000008" in resumed_output, resumed_output[-2000:]
     got = losses(run_dir)
     assert len(got) == 12 and got[:8] == reference["losses"][:8]
     diffs = [abs(a - b) for a, b in zip(got[8:], reference["losses"][8:])]
-    assert max(diffs) < LOSS_TOLERANCE, (got, reference["losses"])
+    assert max(diffs) < loss_tolerance, (got, reference["losses"])
     assert scalars(run_dir, "train/lr") == reference["lr"]  # the schedule continued exactly
     state = safe_load(run_dir / "checkpoints" / STEP12 / "train_state.pt")
     assert state["data"] == reference["data"]  # the same global data position
@@ -103,7 +108,7 @@ def check_adamw_step(run_dir: Path, weights8: dict, weights9: dict, after: dict,
     correction), learning rate and weight decay of each parameter's group. `shapes`: the
     parameters' shapes where the tensors given are flattened (ZeRO-3's universal files)."""
     cfg = OmegaConf.load(run_dir / "config.yaml").optim
-    lr = scalars(run_dir, "train/lr")[7]  # logged after step 8: what step 9 used
+    lr = scalars(run_dir, "train/lr")[8]  # logged at step 9: the lr step 9 used
     for name, state in after.items():
         ndim = len(shapes[name]) if shapes else weights8[name].ndim
         decay = cfg.weight_decay if ndim >= 2 else 0.0  # optim.default_param_groups
@@ -151,7 +156,8 @@ def zero_moments(checkpoint: Path, out: Path) -> dict[str, dict[str, torch.Tenso
     return moments
 
 
-@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 2, 1), pytest.param(2, 1, 2, marks=pytest.mark.slow),
+                                                pytest.param(1, 2, 1, marks=pytest.mark.slow)])
 def test_zero_run_resumes_at_another_world_size(fmnist, tmp_path, stage, before, after):
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
@@ -199,7 +205,7 @@ def test_megatron_tp2_run_resumes_at_tp1(fmnist, tmp_path):
 
     resumed = scaleyard(*tp_args(fmnist, run_dir, 1, *base, "engine.tp_size=1", *RESUME))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    check_continuation(run_dir, reference, resumed.stdout + resumed.stderr, 1)
+    check_continuation(run_dir, reference, resumed.stdout + resumed.stderr, 1, TP_LOSS_TOLERANCE)
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in (checkpoints / "step_00000008" / "megatron").iterdir()) == \
         ["tp_rank0.pt", "tp_rank1.pt"]  # never modified
@@ -216,8 +222,9 @@ def test_megatron_tp2_run_resumes_at_tp1(fmnist, tmp_path):
 
 # --- DDP --------------------------------------------------------------------------------------------
 def test_ddp_run_resumes_at_one_rank(fmnist, tmp_path):
-    """Replicated state: the 2-rank checkpoint loads as it is; only the noise of rank 1's samples
-    and the reduction order differ in the continuation."""
+    """Replicated state: the 2-rank checkpoint loads as it is (this worked before elastic resume;
+    the test pins it). Not bitwise: the noise of the samples rank 1 drew and the reduction order
+    differ in the continuation."""
     run_dir = tmp_path / "run"
     args = [a for a in ds_args(fmnist, run_dir, "engine.name=ddp", "train.keep_checkpoints=3")
             if a not in ("--nproc", "2")]

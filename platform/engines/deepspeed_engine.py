@@ -304,9 +304,14 @@ class DeepSpeedEngine(DDPEngine):
         if self.any_rank([failed is not None])[0]:
             raise RuntimeError(f"converting {folder / TAG} to a universal checkpoint failed"
                                f"{f': {failed}' if failed else ' on rank 0 (see its log)'}")
-        reshard.write_local(folder, cache, self.env.rank, saved_world,
-                            lambda local: self._resharded_ema(folder, saved_world, local))
-        self.barrier()
+        try:
+            reshard.write_local(folder, cache, self.env.rank, saved_world,
+                                lambda local: self._resharded_ema(folder, saved_world, local))
+        except Exception as err:  # noqa: BLE001 - agreed below, so that no rank waits for one that failed
+            failed = err
+        if self.any_rank([failed is not None])[0]:
+            raise RuntimeError(f"splitting the ZeRO-3 EMA of {folder} for {self.env.world_size} ranks failed: "
+                               f"{failed or 'on another rank (see its log)'}")
         log.info("resuming %s (%d ranks) at %d ranks through a universal checkpoint", folder.name, saved_world,
                  self.env.world_size)
         self._universal = cache

@@ -183,20 +183,26 @@ class MegatronEngine(DDPEngine):
                 failed = err
         if self.any_rank([failed is not None])[0]:
             raise RuntimeError(f"cannot write the resharded copy of {folder}: {failed or 'see rank 0'}")
-        states = [safe_load(f, map_location="cpu") for f in files]
-        if self.data_rank == 0:
-            torch.save(resharded_file(states, self.tp_rank, self.tp_size, self._optimizer_names()),
-                       cache / FOLDER / f"tp_rank{self.tp_rank}.pt")
-        reshard.write_local(folder, cache, self.env.rank, saved_world,
-                            lambda local: self._resharded_ema(folder, states, local))
-        self.barrier()
+        try:
+            states = [safe_load(f, map_location="cpu") for f in files]
+            if self.data_rank == 0:
+                torch.save(resharded_file(states, self.tp_rank, self.tp_size, self._optimizer_names()),
+                           cache / FOLDER / f"tp_rank{self.tp_rank}.pt")
+            reshard.write_local(folder, cache, self.env.rank, saved_world,
+                                lambda local: self._resharded_ema(folder, states, local))
+        except Exception as err:  # noqa: BLE001 - agreed below, so that no rank waits for one that failed
+            failed = err
+        if self.any_rank([failed is not None])[0]:
+            raise RuntimeError(f"laying {folder} out for engine.tp_size={self.tp_size} failed: "
+                               f"{failed or 'on another rank (see its log)'}")
         self._resharded = cache
         return cache
 
     def _resharded_ema(self, folder: Path, states: list[dict], local: dict) -> dict:
         """The EMA slices of the first saved replica (ranks 0..tp-1), merged and split for this rank."""
-        saved_tp = len(states)
-        slices = [safe_load(folder / f"local_rank{r}.pt", map_location="cpu") for r in range(saved_tp)]
+        if not (folder / "local_rank0.pt").exists():  # no per-rank state (train.ema_decay=0)
+            return local
+        slices = [safe_load(folder / f"local_rank{r}.pt", map_location="cpu") for r in range(len(states))]
         if "ema" not in slices[0]:
             return local
         layout = _layout(states[0])
