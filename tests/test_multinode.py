@@ -249,3 +249,52 @@ def test_a_node_killed_outright_is_declared_down_and_the_job_requeues_in_bounded
     row = wait_done(run_dir, 300)
     assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
     assert sha(run_dir) == sha(two_node_reference)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_megatron_tp2_by_dp2_on_two_nodes_matches_four_ranks_on_one_host(two_nodes, tmp_path, fmnist):
+    """Tensor parallelism inside each node (ranks 0,1 on n1; 2,3 on n2), data parallelism across."""
+    pytest.importorskip("megatron.core")
+    args = ["t2i", "--preset", "tiny", f"data.path={fmnist}/train", f"data.eval_path={fmnist}/test",
+            "model.preset=dit_adaln-cpu-xs", "train.steps=4", "train.ckpt_every=0", "train.log_every=1",
+            "eval.samples=0", "eval.val_samples=32", "engine.name=megatron", "engine.tp_size=2"]
+    local, two = tmp_path / "one-host", tmp_path / "two-nodes"
+    done = sy("run", *args, f"run.dir={local}", "--nproc", "4", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    submit(*args, f"run.dir={two}", "--profile", "local-2node", "--ntasks-per-node", "2")
+    assert wait_done(two, 480)["state"] == "COMPLETED", status(two)
+    assert status(two)["nodes"] == {"n1": [0, 1], "n2": [2, 3]}
+    assert sha(two) == sha(local)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_array_of_two_node_jobs_running_at_once_on_the_same_nodes(two_nodes, tmp_path, fmnist):
+    """Two array elements, each a 2-node job, share n1 and n2 at the same time: their rendezvous
+    ports differ (derived from their job ids), so both complete."""
+    from scaleyard.slurm.launch import submit_array
+    from scaleyard.slurm.profiles import load_profile
+    from scaleyard.slurm.task import RunTask
+
+    sweep = tmp_path / "sweep"
+    tasks = [RunTask("classify", "tiny", [*classify(fmnist, sweep / f"run{i}", 150)[3:], f"run.seed={i}"],
+                     str(sweep / f"run{i}")) for i in range(2)]
+    os.environ["SLURM_CONF"] = CONF2  # submit_array runs in this process: sbatch reads it
+    try:
+        submissions = submit_array(tasks, "slurm", load_profile("local-2node"), "sy-array2", sweep / "slurm",
+                                   concurrency=2)
+    finally:
+        del os.environ["SLURM_CONF"]
+    assert all("_" in s.job_id for s in submissions)
+    rows = [wait_done(sweep / f"run{i}", 300) for i in range(2)]
+    assert all(row["state"] == "COMPLETED" and row["nodes"] == {"n1": [0], "n2": [1]} for row in rows), rows
+    ports = set()
+    for i in range(2):
+        for rank in range(2):
+            said = sy("logs", str(sweep / f"run{i}"), "--rank", str(rank)).stdout
+            ports.add((i, said.split("rendezvous ")[1].split(")")[0]))
+    assert len(ports) == 2 and len({port for _, port in ports}) == 2, ports  # one port per job, on both ranks
+    starts = [json.loads((sweep / f"run{i}" / "attempts.jsonl").read_text())["time"] for i in range(2)]
+    ends = [(sweep / f"run{i}" / "summary.json").stat().st_mtime for i in range(2)]
+    assert max(starts) < min(ends), "the two 2-node jobs did not overlap"
