@@ -38,7 +38,7 @@ mkdir -p "$PIDS" "$STATE/ctld" "$STATE/log"
 if ! command -v slurmctld >/dev/null || ! SLURM_CONF=/etc/slurm/slurm.conf sacctmgr -n list cluster >/dev/null 2>&1
 then
   log "munge/slurmdbd not running: starting the single-node cluster's daemons (start.sh)"
-  bash "$HERE/start.sh"
+  env -u SLURM_CONF bash "$HERE/start.sh"  # the single-node cluster reads /etc/slurm
   touch "$STATE/started-single-node"
 fi
 

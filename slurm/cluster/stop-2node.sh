@@ -19,5 +19,5 @@ for daemon in slurmd-n2 slurmd-n1 slurmctld; do
 done
 if [ -f "$STATE/started-single-node" ]; then
   rm -f "$STATE/started-single-node"
-  bash "$HERE/stop.sh"
+  env -u SLURM_CONF bash "$HERE/stop.sh"
 fi
