@@ -45,7 +45,7 @@ from scaleyard.models.lm import (
     sequence_logprobs,
     tiny_llama,
 )
-from scaleyard.models.lm.load import SMOLLM2, resolve_folder
+from scaleyard.models.lm.load import SMOLLM2, cache_root, resolve_folder
 from scaleyard.models.lm.logprobs import PromptTooLong, completion_ids, prompt_ids
 from scaleyard.models.lm.lora import add_lora, decoder_layers, merge_lora
 from scaleyard.platform.config import ConfigError, TrainingConfig, batch_per_rank, bounded, choice, stream_config
@@ -190,6 +190,8 @@ def hf_config(cfg: DictConfig):
         return LlamaConfig(hidden_size=spec.hidden, intermediate_size=spec.mlp_hidden, num_hidden_layers=spec.layers,
                            num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=50257,
                            max_position_embeddings=spec.max_tokens, tie_word_embeddings=True)
+    if cfg.model.name_or_path == SMOLLM2 and not (cache_root() / "smollm2-135m-instruct" / "config.json").exists():
+        return None  # known only after the one-time conversion, which `scaleyard models` must not start
     try:
         return AutoConfig.from_pretrained(resolve_folder(cfg.model.name_or_path))
     except ModelFolderError:
