@@ -389,3 +389,19 @@ def test_two_ranks_on_each_engine(tmp_path, engine):
                      "--nproc", "2", f"run.dir={run_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _summary(run_dir)["world_size"] == 2 and math.isfinite(_summary(run_dir)["final_loss"])
+
+
+def test_sample_requests_are_checked_before_a_model_loads(tmp_path):
+    from scaleyard.jobs.fspo.job import read_requests
+
+    shot = {"question": "Q?", "chosen": "A.", "rejected": "B."}
+    (tmp_path / "shots.json").write_text(json.dumps([shot, shot]))
+    assert read_requests(str(tmp_path / "shots.json"), 2, question="Why?") == [{"shots": [shot, shot],
+                                                                               "question": "Why?"}]
+    with pytest.raises(ConfigError, match="has 2 shots; this run was trained with prompt.shots=4"):
+        read_requests(str(tmp_path / "shots.json"), 4, question="Why?")
+    (tmp_path / "bad.json").write_text(json.dumps({"shots": [{"question": "Q?"}], "question": "Why?"}))
+    with pytest.raises(ConfigError, match="request 0 needs"):
+        read_requests(str(tmp_path / "bad.json"), 1)
+    with pytest.raises(ConfigError, match="--known FILE"):
+        read_requests("", 1)

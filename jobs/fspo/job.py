@@ -159,8 +159,16 @@ def build_model(cfg: DictConfig, tokenizer) -> nn.Module:
     return policy_model(cfg, starting_model(cfg, tokenizer))
 
 
-def read_requests(path: str, shots: int) -> list[dict[str, Any]]:
-    """The sample requests in a JSON file (see FSPO.write_samples), checked before any model loads."""
+def read_requests(path: str, shots: int, question: str = "") -> list[dict[str, Any]]:
+    """The sample requests in a JSON file (see FSPO.write_samples), checked before any model loads.
+    With `question`, the file is the user's shots alone (a list of {"question", "chosen", "rejected"})."""
+    if question and path:
+        try:
+            shot_list = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--shots {path}: cannot read it as JSON ({err})") from None
+        path_request = {"shots": shot_list, "question": question}
+        return _checked([path_request], path, shots)
     if not path:
         raise ConfigError('--known FILE: a JSON file with {"shots": [{"question", "chosen", "rejected"}, ...], '
                           '"question": "..."} (or a list of them)')
@@ -168,7 +176,10 @@ def read_requests(path: str, shots: int) -> list[dict[str, Any]]:
         loaded = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"--known {path}: cannot read it as JSON ({err})") from None
-    requests = loaded if isinstance(loaded, list) else [loaded]
+    return _checked(loaded if isinstance(loaded, list) else [loaded], path, shots)
+
+
+def _checked(requests: list[Any], path: str, shots: int) -> list[dict[str, Any]]:
     for i, r in enumerate(requests):
         shot_list = r.get("shots") if isinstance(r, dict) else None
         if not isinstance(shot_list, list) or not isinstance(r.get("question"), str) or not all(
@@ -349,7 +360,8 @@ class FSPO(Job):
         """Personalised answers: `--known` names a JSON file holding one request or a list of them,
         each {"shots": [{"question", "chosen", "rejected"}, ...], "question": "..."}; the answers
         (greedy; `--rows N` > 1: N samples from `--seed`) go to `--out` as JSON."""
-        requests = read_requests(request.known, cfg.prompt.shots)
+        # `question` arrives once `scaleyard sample` has --shots FILE --question TEXT (SampleRequest.question)
+        requests = read_requests(request.known, cfg.prompt.shots, getattr(request, "question", ""))
         self.cfg, self.tokenizer = cfg, tokenizer_for(cfg)
         model = build_model(OmegaConf.merge(cfg, {"model": {"init_from": ""}}), self.tokenizer)
         model.load_state_dict(weights)
