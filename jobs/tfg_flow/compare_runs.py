@@ -1,6 +1,7 @@
 """Guided vs unguided report for trained runs, outside training (until `scaleyard sample --target`
-exists): `python -m scaleyard.jobs.tfg_flow.compare_runs FLOW_RUN [KEY=VALUE ...]`, where the
-overrides are the flow run's config keys (guidance.*, eval.steps, eval.seed, data.eval_path)."""
+exists): `python -m scaleyard.jobs.tfg_flow.compare_runs FLOW_RUN [report=NAME] [KEY=VALUE ...]`, where
+the overrides are the flow run's config keys (guidance.*, eval.steps, eval.seed, data.eval_path);
+it writes FLOW_RUN/NAME.md and NAME.json (default report_compare)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    run, overrides = Path(argv[0]), argv[1:]
+    run, overrides = Path(argv[0]), [a for a in argv[1:] if not a.startswith("report=")]
+    names = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("report=")]
     loaded = load_run_weights(run)
     cfg = OmegaConf.merge(OmegaConf.structured(TFGFlow.Config), loaded.config, OmegaConf.from_dotlist(overrides))
     flow = MoleculeFlowNet(EGNNConfig(**loaded.job_state["model_config"]))
@@ -47,7 +49,7 @@ def main(argv: list[str]) -> int:
                "oracle_run": cfg.guidance.oracle_run, "targets": f"the first {len(heldout)} molecules of "
                f"{cfg.data.eval_path}", "sampler_steps": cfg.eval.steps,
                "guidance": OmegaConf.to_container(cfg.guidance), "seconds": round(time.perf_counter() - started, 1)}
-    path = write_report(run / "report_compare", results, context)
+    path = write_report(run / (names[-1] if names else "report_compare"), results, context)
     print(path)
     return 0
 
