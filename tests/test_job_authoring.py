@@ -108,7 +108,7 @@ def test_scaffolded_job_runs_resumes_exactly_scales_out_and_shows_in_status(tmp_
     assert set(rows) == {"reference", "interrupted", "two_ranks", "sweep/lr-3e-3", "sweep/lr-1e-2"}
     assert all(row["step"] == 40 and row["state"] == "COMPLETED" for row in rows.values()), rows
     assert rows["sweep/lr-1e-2"]["values"] == {"optim.lr": "1e-2"}
-    assert [run for run, row in rows.items() if row.get("best")] == ["sweep/lr-1e-2"]  # the lower final_loss (the default ranking)
+    assert [run for run, row in rows.items() if row.get("best")] == ["sweep/lr-1e-2"]  # lowest final_loss
 
     # the package's own tests, less the one that repeats the CLI run above
     own_tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
