@@ -276,12 +276,26 @@ def _run_job_name(run: Path) -> str:
     raise ValueError(f"cannot tell which job wrote {run} (no summary.json yet); pass --job NAME")
 
 
+def _parse_targets(items: list[str]) -> dict[str, float]:
+    targets: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            targets[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--target {item!r}: expected PROPERTY=NUMBER, e.g. --target gap=0.25") from None
+    return targets
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from scaleyard.platform.job import SampleRequest, get_job
     from scaleyard.platform.weights import load_run_weights
 
+    targets = _parse_targets(args.target or [])  # a malformed --target fails before any weights load
     run = Path(args.run)
     config_file = run / "config.yaml"
     if not config_file.exists():
@@ -294,7 +308,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loaded = load_run_weights(run)  # any engine's checkpoint; EMA weights when the run kept them
     impute = tuple(c.strip() for c in args.impute.split(",") if c.strip()) if args.impute else ()
     request = SampleRequest(out=Path(args.out), rows=args.rows or 0, seed=args.seed, impute=impute,
-                            known=args.known or "")
+                            known=args.known or "", target=targets, prompt=args.prompt or "",
+                            shots=args.shots or "")
     try:
         summary = job_cls().write_samples(cfg, loaded.weights, loaded.job_state, request)
     except NotImplementedError as err:
@@ -412,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--impute", default=None, help="columns to fill in, COL[,COL]; the others come from --known")
     sample.add_argument("--known", default=None, help="known rows: a .csv/.parquet file or a split folder")
+    sample.add_argument("--target", action="append", default=None, metavar="PROP=VALUE",
+                        help="guide samples toward a property value (repeatable; jobs with guidance, e.g. tfg_flow)")
+    sample.add_argument("--prompt", "--question", dest="prompt", default=None,
+                        help="what to generate for: a caption (ppd) or a question (fspo)")
+    sample.add_argument("--shots", default=None,
+                        help="a JSON file of one user's examples (fspo: shots; ppd: preference pairs)")
     sample.add_argument("--job", default=None, help="the run's job, when the folder cannot tell (no summary.json)")
     sample.set_defaults(func=cmd_sample)
     return parser

@@ -85,6 +85,9 @@ class SampleRequest:
     seed: int = 0
     impute: tuple[str, ...] = ()  # columns to fill in, the others kept from `known`
     known: str = ""  # a file or split folder holding the known rows
+    target: dict[str, float] = field(default_factory=dict)  # --target PROP=VALUE: guide samples toward these
+    prompt: str = ""  # --prompt / --question TEXT: what to generate for (a caption, a question)
+    shots: str = ""  # --shots FILE: a user's examples (FSPO's shots, PPD's preference pairs)
 
 
 @dataclass

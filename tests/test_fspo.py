@@ -201,11 +201,11 @@ def test_ipo_run_through_the_cli_raises_the_chosen_log_prob(tmp_path, tokenizer)
         assert any(t.endswith(name) for t in tags), (name, sorted(tags))
     assert any("win_rate" in t for t in tags)
 
-    # a personalised answer from the trained run: `scaleyard sample RUN --known REQUEST.json`
+    # a personalised answer from the trained run: `scaleyard sample RUN --shots FILE --question TEXT`
     held = example(0, "heldout", 0, shots=1, pairs_per_user=3, examples_per_user=2)
-    (tmp_path / "request.json").write_text(json.dumps({"shots": held["shots"], "question": held["question"]}))
-    sampled = scaleyard("sample", str(run_dir), "--known", str(tmp_path / "request.json"), "--rows", "2",
-                        "--out", str(tmp_path / "answers.json"))
+    (tmp_path / "shots.json").write_text(json.dumps(held["shots"]))
+    sampled = scaleyard("sample", str(run_dir), "--shots", str(tmp_path / "shots.json"), "--question",
+                        held["question"], "--rows", "2", "--out", str(tmp_path / "answers.json"))
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     answers = json.loads((tmp_path / "answers.json").read_text())
     assert answers[0]["question"] == held["question"] and len(answers[0]["answers"]) == 2
@@ -405,3 +405,7 @@ def test_sample_requests_are_checked_before_a_model_loads(tmp_path):
         read_requests(str(tmp_path / "bad.json"), 1)
     with pytest.raises(ConfigError, match="--known FILE"):
         read_requests("", 1)
+    with pytest.raises(ConfigError, match="--shots FILE needs --question"):
+        read_requests(str(tmp_path / "shots.json"), 2, shots_only=True)
+    with pytest.raises(ConfigError, match="--question needs --shots FILE"):
+        read_requests("", 2, question="Why?")

@@ -9,17 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from scaleyard.data_loaders.builders import build
 from scaleyard.data_loaders.builders.qm9 import splits as qm9_splits
 from scaleyard.data_loaders.index import load_index
 from scaleyard.jobs.tfg_flow.chemistry import check_molecule, chemistry_metrics, reference_smiles
 from scaleyard.jobs.tfg_flow.data import read_molecules
-from scaleyard.jobs.tfg_flow.guided import TargetError
-from scaleyard.jobs.tfg_flow.job import TFGFlow
-from scaleyard.platform.job import SampleRequest
-from scaleyard.platform.weights import load_run_weights
 
 from conftest import scaleyard
 
@@ -93,19 +88,15 @@ def test_predictors_flow_report_sampling_guidance_and_exact_resume(qm9, tmp_path
     assert json.loads(done.stdout.splitlines()[-1])["molecules"] == 5
     assert len((tmp_path / "mols.csv").read_text().splitlines()) == 6
 
-    # guided sampling (the CLI's --target arrives as SampleRequest.target)
-    loaded = load_run_weights(flow)
-    cfg = OmegaConf.merge(OmegaConf.structured(TFGFlow.Config), OmegaConf.load(flow / "config.yaml"))
-    for target, words in (({"foo": 1.0}, ["'foo'", "gap"]), ({"gap": 9.0}, ["gap=9", "range"])):
-        request = SampleRequest(out=tmp_path / "bad.sdf", rows=3)
-        request.target = target
-        with pytest.raises(TargetError) as err:
-            TFGFlow().write_samples(cfg, loaded.weights, loaded.job_state, request)
-        assert all(w in str(err.value) for w in words) and not (tmp_path / "bad.sdf").exists()
-    request = SampleRequest(out=tmp_path / "guided.sdf", rows=3)
-    request.target = {"gap": 0.25}
-    out = TFGFlow().write_samples(cfg, loaded.weights, loaded.job_state, request)
-    assert out["molecules"] == 3 and (tmp_path / "guided.report.md").exists() and (tmp_path / "guided.sdf").exists()
+    # guided sampling through the CLI: bad targets are refused before anything is written
+    for target, words in (("foo=1", ["'foo'", "gap"]), ("gap=9", ["gap=9", "range"]), ("gap", ["PROPERTY=NUMBER"])):
+        done = scaleyard("sample", str(flow), "--rows", "3", "--target", target, "--out", str(tmp_path / "bad.sdf"))
+        assert done.returncode != 0 and all(w in done.stderr for w in words), done.stderr
+        assert not (tmp_path / "bad.sdf").exists()
+    done = scaleyard("sample", str(flow), "--rows", "3", "--target", "gap=0.25", "--out", str(tmp_path / "guided.sdf"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["molecules"] == 3
+    assert (tmp_path / "guided.report.md").exists() and (tmp_path / "guided.sdf").exists()
 
     # exact resume: drop the last checkpoint, run the same command again
     reference = summary(flow)["weights_sha256"]

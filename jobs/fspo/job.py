@@ -159,9 +159,14 @@ def build_model(cfg: DictConfig, tokenizer) -> nn.Module:
     return policy_model(cfg, starting_model(cfg, tokenizer))
 
 
-def read_requests(path: str, shots: int, question: str = "") -> list[dict[str, Any]]:
+def read_requests(path: str, shots: int, question: str = "", shots_only: bool = False) -> list[dict[str, Any]]:
     """The sample requests in a JSON file (see FSPO.write_samples), checked before any model loads.
     With `question`, the file is the user's shots alone (a list of {"question", "chosen", "rejected"})."""
+    if shots_only and not question:
+        raise ConfigError("--shots FILE needs --question TEXT: the question to answer for that user")
+    if question and not path:
+        raise ConfigError("--question needs --shots FILE: a JSON list of the user's "
+                          '{"question", "chosen", "rejected"} examples')
     if question and path:
         try:
             shot_list = json.loads(Path(path).read_text())
@@ -354,14 +359,15 @@ class FSPO(Job):
         metrics = {f"{names[which]}/{k}": v for which, rate in rates.items() for k, v in rate.items() if k != "n"}
         return EvalResult(metrics=metrics, text={"sample": f"{self.items[0]['question']}\n\n{own[0]}"})
 
-    # --- `scaleyard sample RUN --known REQUEST.json --out ANSWERS.json` -----------------------------
+    # --- `scaleyard sample RUN --shots SHOTS.json --question TEXT --out ANSWERS.json` ----------------
     def write_samples(self, cfg: DictConfig, weights: dict[str, torch.Tensor], job_state: dict[str, Any],
                       request: SampleRequest) -> dict[str, Any]:
-        """Personalised answers: `--known` names a JSON file holding one request or a list of them,
-        each {"shots": [{"question", "chosen", "rejected"}, ...], "question": "..."}; the answers
-        (greedy; `--rows N` > 1: N samples from `--seed`) go to `--out` as JSON."""
-        # `question` arrives once `scaleyard sample` has --shots FILE --question TEXT (SampleRequest.question)
-        requests = read_requests(request.known, cfg.prompt.shots, getattr(request, "question", ""))
+        """Personalised answers: `--shots` names a JSON list of one user's {"question", "chosen",
+        "rejected"} and `--question` the question; or `--known` names a JSON file holding one request
+        or a list of them, each {"shots": [...], "question": "..."}. The answers (greedy; `--rows N`
+        > 1: N samples from `--seed`) go to `--out` as JSON."""
+        requests = read_requests(request.shots or request.known, cfg.prompt.shots, request.prompt,
+                                 shots_only=bool(request.shots))
         self.cfg, self.tokenizer = cfg, tokenizer_for(cfg)
         model = build_model(OmegaConf.merge(cfg, {"model": {"init_from": ""}}), self.tokenizer)
         model.load_state_dict(weights)

@@ -235,7 +235,7 @@ class TFGFlow(Job):
         if job_state.get("task") != "flow":
             raise DataError("`scaleyard sample` generates from a flow run (tfg_flow task=flow); this is a "
                             f"{job_state.get('task')!r} run")
-        return write_molecules(cfg, weights, job_state, request, getattr(request, "target", None) or {})
+        return write_molecules(cfg, weights, job_state, request, request.target)
 
 
 JOB = TFGFlow
