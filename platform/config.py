@@ -8,6 +8,7 @@ a wrong value is reported with its key and the allowed values before anything ru
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import typing
 from dataclasses import dataclass, field
@@ -124,6 +125,16 @@ def stream_config(cfg: DictConfig):
     d = cfg.data
     return StreamConfig(seed=cfg.run.seed, lanes=d.lanes, shuffle_block=d.shuffle_block, num_workers=d.num_workers,
                         shard_base=d.shard_base, verify_hashes=d.verify_hashes, max_skip_share=d.max_skip_share)
+
+
+def to_dotlist(node: Any, prefix: str = "") -> list[str]:
+    """A config (or a part of one) as command-line overrides that resolve back to the same values:
+    JSON scalars and lists are YAML flow values, so strings keep their spaces, '=' and ','."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict):
+        return [item for key, value in node.items() for item in to_dotlist(value, f"{prefix}{key}.")]
+    return [f"{prefix[:-1]}={json.dumps(node)}"]
 
 
 def resolve(config_cls: type, preset_files: list[Path], overrides: list[str]) -> DictConfig:

@@ -132,6 +132,12 @@ def _store() -> dist.Store:
     return dist.distributed_c10d._get_default_store()
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

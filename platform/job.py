@@ -108,6 +108,12 @@ class Job:
     def check(self, cfg: DictConfig, world_size: int) -> None:
         """Job-specific config checks beyond field metadata; raise ConfigError."""
 
+    def stages(self, cfg: DictConfig) -> list:
+        """The runs and data builds this run needs first (`scaleyard.platform.stages.Stage`), for
+        the inputs its config leaves empty; the platform trains or builds them into
+        <run.dir>/stages/<name> and fills the named config keys before `build` is called."""
+        return []
+
     def build(self, cfg: DictConfig, ctx: Context) -> JobParts:
         raise NotImplementedError
 

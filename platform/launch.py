@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from scaleyard.platform.config import (
 from scaleyard.platform.distributed import DistEnv, destroy_process_group, env_from_os
 from scaleyard.platform.engines import check_engine, data_world_size
 from scaleyard.platform.job import Job, get_job
+from scaleyard.platform.stages import STAGES_DIR, prepare_stages, run_stages
 
 log = logging.getLogger("scaleyard")
 # Keys that may change when a run is resumed (extend it, change cadences); anything else would
@@ -46,6 +47,7 @@ class Prepared:
     cfg: DictConfig
     preset: str
     overrides: list[str]
+    stages: list = field(default_factory=list)  # PreparedStage: what runs before this run (platform/stages.py)
 
     @property
     def run_dir(self) -> Path:
@@ -66,7 +68,9 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     if preset and preset not in presets:
         raise ConfigError(f"unknown preset {preset!r} for job {job_name}; presets: {', '.join(presets) or 'none'}")
     files = [job_cls.presets_dir() / f"{preset}.yaml"] if preset else []
-    cfg = resolve(job_cls.Config, files, overrides)
+    # `stages.<name>.<key>=<value>` configures a stage of the run (platform/stages.py), not the run
+    to_stages = [o for o in overrides if o.startswith(f"{STAGES_DIR}.")]
+    cfg = resolve(job_cls.Config, files, [o for o in overrides if o not in to_stages])
     check_config(cfg, job_cls.Config)
     if job_cls.trains and cfg.engine.name == "auto":
         from scaleyard.platform.planner import device_memory_gb, resolve_auto
@@ -96,7 +100,9 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     job.check(cfg, world_size)
     if not cfg.run.dir:
         cfg.run.dir = default_run_dir(job_name)
-    return Prepared(job, cfg, preset, list(overrides))
+    # after the job's own checks (which see the inputs the user gave), before anything is written
+    stages = prepare_stages(job, cfg, world_size, gpu_memory_gb, runs_here, to_stages)
+    return Prepared(job, cfg, preset, list(overrides), stages)
 
 
 def choose_lanes(cfg: DictConfig, data_world: int) -> int:
@@ -168,21 +174,28 @@ def write_config(prepared: Prepared) -> None:
 
 
 def run_here(prepared: Prepared, env: DistEnv | None = None) -> dict:
-    """Run one rank of the job in this process, logging also to run_dir/logs/rank<R>.log and
-    recording how it ended in run_dir/logs/rank<R>.json (what `scaleyard status` and `logs` read)."""
+    """Run one rank of the job in this process: first the stages it needs (platform/stages.py),
+    then the run itself."""
+    env = env or env_from_os()
+    try:
+        run_stages(prepared.stages, env, prepared.cfg.engine.backend if prepared.job.trains else "auto")
+        return run_one(prepared, env)
+    finally:
+        destroy_process_group()
+
+
+def run_one(prepared: Prepared, env: DistEnv) -> dict:
+    """One rank of one run, logging also to run_dir/logs/rank<R>.log and recording how it ended in
+    run_dir/logs/rank<R>.json (what `scaleyard status` and `logs` read)."""
     from scaleyard.platform.run_record import RankRecord
     from scaleyard.platform.trainer import Preempted, Trainer
 
-    env = env or env_from_os()
     with RankRecord(prepared.run_dir, env.rank, env.world_size, stop=Preempted):
-        try:
-            if prepared.job.trains:
-                return Trainer(prepared.job, prepared.cfg, env).run()
-            from scaleyard.platform.sampling import run_sampling
+        if prepared.job.trains:
+            return Trainer(prepared.job, prepared.cfg, env).run()
+        from scaleyard.platform.sampling import run_sampling
 
-            return run_sampling(prepared.job, prepared.cfg, env)
-        finally:
-            destroy_process_group()
+        return run_sampling(prepared.job, prepared.cfg, env)
 
 
 def run_local(prepared: Prepared, nproc: int) -> int:

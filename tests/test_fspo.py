@@ -23,7 +23,7 @@ from conftest import scaleyard
 # a run small enough for tests: 1 shot, short context, a narrow tiny Llama
 FAST = ["prompt.shots=1", "synthetic.users=8", "synthetic.heldout_users=4", "synthetic.pairs_per_user=3",
         "synthetic.examples_per_user=2", "model.hidden=32", "model.max_tokens=512", "train.batch_size=4",
-        "eval.examples=2", "eval.max_new_tokens=8", "train.log_every=1"]
+        "eval.examples=2", "eval.max_new_tokens=8", "train.log_every=1", 'model.sft_stage=""']
 
 
 @pytest.fixture(scope="module")
@@ -299,26 +299,36 @@ def test_sigkill_then_resume_is_exact(tmp_path):
     assert _summary(run_dir)["final_loss"] == _summary(reference)["final_loss"]
 
 
-@pytest.mark.slow
-def test_sft_then_ipo_from_its_weights(tmp_path):
-    sft = tmp_path / "sft"
-    done = scaleyard("run", "fspo", "--preset", "tiny_sft", *FAST, "train.steps=4", "eval.examples=0",
-                     f"run.dir={sft}")
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_one_command_trains_the_sft_stage_then_ipo_from_its_weights(tmp_path):
+    """`--preset tiny` names its SFT stage (model.sft_stage=tiny_sft): with model.init_from empty the
+    platform trains it into <run.dir>/stages/sft first, then IPO starts from its weights."""
     ipo = tmp_path / "ipo"
-    done = scaleyard("run", "fspo", "--preset", "tiny", *FAST, "train.steps=2", f"model.init_from={sft}",
-                     f"run.dir={ipo}")
+    args = ["run", "fspo", "--preset", "tiny", *FAST[:-1], "train.steps=2", "stages.sft.train.steps=4",
+            "stages.sft.train.log_every=1", "stages.sft.eval.examples=0", f"run.dir={ipo}"]
+    done = scaleyard(*args)
     assert done.returncode == 0, done.stderr[-3000:]
-    # the IPO run starts from the SFT run's weights (policy and reference alike: at step 1 they are
-    # equal, h = 0 and the loss is (1 / (2 beta))^2)
+    sft = ipo / "stages" / "sft"
     from omegaconf import OmegaConf
 
     from scaleyard.jobs.fspo.job import build_model
 
-    start = build_model(OmegaConf.load(ipo / "config.yaml"), gpt2_tokenizer()).state_dict()
+    config = OmegaConf.load(ipo / "config.yaml")
+    assert config.model.init_from == str(sft) and OmegaConf.load(sft / "config.yaml").loss.kind == "sft"
+    assert json.loads((sft / "summary.json").read_text())["step"] == 4
+    # the IPO run starts from the SFT run's weights (policy and reference alike: at step 1 they are
+    # equal, h = 0 and the loss is (1 / (2 beta))^2)
+    start = build_model(config, gpt2_tokenizer()).state_dict()
     trained = _weights(sft).weights
     assert all(torch.equal(start[k], trained[k]) for k in trained)
     assert _scalars(ipo)["train/loss"][0] == pytest.approx(2500.0)
+    # the same command again: both finished, nothing retrained
+    again = scaleyard(*args)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr[-2000:]
+    # a stage override for a stage the run does not have is refused, naming the stages it has
+    bad = scaleyard("run", "fspo", "--preset", "tiny", *FAST[:-1], "stages.rm.train.steps=1",
+                    f"run.dir={tmp_path / 'x'}")
+    assert bad.returncode != 0 and "stages.rm.train.steps=1" in bad.stderr and "sft" in bad.stderr
+    assert not (tmp_path / "x").exists()
     assert _scalars(sft)["train/loss"][-1] < _scalars(sft)["train/loss"][0]
 
 

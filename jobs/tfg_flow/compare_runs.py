@@ -1,7 +1,8 @@
-"""Guided vs unguided report for trained runs, outside training (until `scaleyard sample --target`
-exists): `python -m scaleyard.jobs.tfg_flow.compare_runs FLOW_RUN [report=NAME] [KEY=VALUE ...]`, where
-the overrides are the flow run's config keys (guidance.*, eval.steps, eval.seed, data.eval_path);
-it writes FLOW_RUN/NAME.md and NAME.json (default report_compare)."""
+"""Guided vs unguided report for trained runs, outside training, over the held-out split's targets
+for every property in guidance.properties (`scaleyard sample --target` does one value of one property):
+`python -m scaleyard.jobs.tfg_flow.compare_runs FLOW_RUN [report=NAME] [KEY=VALUE ...]`, where the
+overrides are the flow run's config keys (guidance.*, eval.steps, eval.seed, data.eval_path); it
+writes FLOW_RUN/NAME.md and NAME.json (default report_compare)."""
 
 from __future__ import annotations
 
