@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -419,3 +420,26 @@ def test_sample_requests_are_checked_before_a_model_loads(tmp_path):
         read_requests(str(tmp_path / "shots.json"), 2, shots_only=True)
     with pytest.raises(ConfigError, match="--question needs --shots FILE"):
         read_requests("", 2, question="Why?")
+
+
+@pytest.mark.slow
+def test_stages_on_two_ranks_under_zero3_stop_and_resume(tmp_path):
+    """The SFT stage and IPO on 2 gloo ranks under ZeRO-3 in one command; the SFT stage is stopped by
+    SIGKILL part-way and the same command resumes it, then runs IPO."""
+    from test_resume import kill_while_writing
+
+    ipo = tmp_path / "ipo"
+    args = ["run", "fspo", "--preset", "tiny", "--nproc", "2", *FAST[:-1], "train.steps=2",
+            "engine.name=deepspeed", "engine.zero_stage=3", "stages.sft.train.steps=6",
+            "stages.sft.train.ckpt_every=2", "stages.sft.eval.examples=0", f"run.dir={ipo}"]
+    sft = ipo / "stages" / "sft"
+    kill_while_writing([sys.executable, "-m", "scaleyard.platform.cli", *args], sft / "checkpoints", 4)
+    assert (sft / "checkpoints" / "step_00000002").is_dir() and not (ipo / "summary.json").exists()
+    done = scaleyard(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr
+    assert json.loads((sft / "summary.json").read_text())["step"] == 6
+    assert json.loads((ipo / "summary.json").read_text())["step"] == 2
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(sft / "config.yaml").engine.zero_stage == 3
