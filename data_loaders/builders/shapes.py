@@ -3,6 +3,11 @@
 Each image holds 1-3 shapes of one kind and colour; the caption names the count, size, colour,
 shape and (for a single shape) its position, and the sample's json holds the same attributes so
 that evaluation can check what a generator drew against what it was asked for.
+
+Option `partial_captions=P` leaves each of count, size, colour and position out of a caption with
+probability P ("large circle shapes", "a red circle"), so a model trained on them can be prompted
+with attributes left open (the PPD job's users prefer values of the attributes a prompt does not
+fix). Those draws come from their own RNG: the images and the default captions do not change.
 """
 
 from __future__ import annotations
@@ -40,6 +45,26 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radi
         draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=color)
 
 
+def caption(attributes: dict[str, Any], keep: dict[str, bool] | None = None) -> str:
+    """The caption of a sample's attributes; `keep` (attribute -> bool) leaves some out. Without a
+    count the noun is "<shape> shapes", which says nothing about how many there are."""
+    keep = keep or {}
+    count, shape = attributes["count"], attributes["shape"]
+    words = [attributes[a] for a in ("size", "color") if keep.get(a, True)]
+    if not keep.get("count", True):
+        text = " ".join([*words, f"{shape} shapes"])
+    elif count == 1:
+        text = " ".join(["a", *words, shape])
+    else:
+        text = " ".join([COUNT_WORDS[count], *words, f"{shape}s"])
+    if attributes["position"] is not None and keep.get("position", True) and keep.get("count", True):
+        text += f" at the {attributes['position']}"
+    return text
+
+
+PARTIAL = ("count", "size", "color", "position")  # what a partial caption may leave out
+
+
 def make_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, str, dict[str, Any]]:
     count = int(rng.integers(1, 4))
     shape = SHAPES[rng.integers(len(SHAPES))]
@@ -57,13 +82,8 @@ def make_sample(rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, 
     draw = ImageDraw.Draw(image)
     for cx, cy in centers:
         draw_shape(draw, shape, cx * resolution, cy * resolution, radius, COLORS[color])
-    plural = "s" if count > 1 else ""
-    if count == 1:
-        text = f"a {size} {color} {shape} at the {position}"
-    else:
-        text = f"{COUNT_WORDS[count]} {size} {color} {shape}{plural}"
     attributes = {"count": count, "shape": shape, "color": color, "size": size, "position": position}
-    return np.asarray(image), text, attributes
+    return np.asarray(image), caption(attributes), attributes
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -72,17 +92,22 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def splits(limit: int | None = None, resolution: int = 32, seed: int = 0) -> list[Split]:
+def splits(limit: int | None = None, resolution: int = 32, seed: int = 0, partial_captions: float = 0.0) -> list[Split]:
     if resolution < 8:
         raise ValueError(f"shapes resolution must be at least 8 pixels, got {resolution}")
+    if not 0.0 <= partial_captions <= 1.0:
+        raise ValueError(f"shapes option partial_captions={partial_captions}: a probability in [0, 1]")
     out = []
     for split_number, (split, default_count) in enumerate(DEFAULT_SIZES.items()):
 
         def samples(split_number: int = split_number, default_count: int = default_count) -> Iterator[dict]:
             count = default_count if limit is None else min(limit, default_count)
             rng = np.random.default_rng([seed, split_number])
+            drop_rng = np.random.default_rng([seed, split_number, 1])  # its own stream: images stay the same
             for i in range(count):
                 image, text, attributes = make_sample(rng, resolution)
+                if partial_captions > 0:
+                    text = caption(attributes, {a: bool(drop_rng.random() >= partial_captions) for a in PARTIAL})
                 yield {"__key__": f"{i:06d}", "image.png": png_bytes(image), "txt": text, "json": attributes}
 
         out.append(
