@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from scaleyard.data_loaders.builders import build
 from scaleyard.data_loaders.builders.qm9 import splits as qm9_splits
@@ -68,16 +69,17 @@ def summary(run_dir):
 
 
 def test_predictors_flow_report_sampling_guidance_and_exact_resume(qm9, tmp_path):
-    for split in ("guide", "oracle"):
-        done = scaleyard(*tiny(qm9, tmp_path / split, "task=predictor", f"data.path={qm9}/{split}"))
-        assert done.returncode == 0, done.stdout + done.stderr
-        mae = summary(tmp_path / split)["eval"]
-        assert all(np.isfinite(mae[f"test_mae/{p}"]) for p in ("alpha", "gap", "homo", "lumo", "mu", "cv"))
+    # one command: the guidance predictor and the oracle are trained first (stages), then the flow
     flow = tmp_path / "flow"
-    args = tiny(qm9, flow, f"guidance.predictor_run={tmp_path}/guide", f"guidance.oracle_run={tmp_path}/oracle",
-                "guidance.properties=[gap,mu]")
+    args = tiny(qm9, flow, "guidance.predictor_stage=tiny_predictor", "guidance.properties=[gap,mu]")
     done = scaleyard(*args)
     assert done.returncode == 0, done.stdout + done.stderr
+    for stage, split in (("predictor", "guide"), ("oracle", "oracle")):
+        mae = summary(flow / "stages" / stage)["eval"]
+        assert all(np.isfinite(mae[f"test_mae/{p}"]) for p in ("alpha", "gap", "homo", "lumo", "mu", "cv"))
+        config = OmegaConf.load(flow / "stages" / stage / "config.yaml")
+        assert config.task == "predictor" and config.data.path == f"{qm9}/{split}"
+    assert OmegaConf.load(flow / "config.yaml").guidance.oracle_run == str(flow / "stages" / "oracle")
     results = json.loads((flow / "report.json").read_text())["results"]
     assert [r["property"] for r in results] == ["gap", "mu"] and "| gap |" in (flow / "report.md").read_text()
     assert all(np.isfinite(r[m]["mae"]) and 0 <= r[m]["validity"] <= 1 for r in results for m in ("guided", "unguided"))
@@ -111,3 +113,6 @@ def test_bad_config_is_refused_before_anything_is_written(qm9, tmp_path):
     done = scaleyard(*tiny(qm9, tmp_path / "run", "properties=[gap,weight]"))
     assert done.returncode != 0 and "properties" in done.stderr and "weight" in done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+    done = scaleyard(*tiny(qm9, tmp_path / "run", "guidance.predictor_stage=nope"))
+    assert done.returncode != 0 and "guidance.predictor_stage" in done.stderr and "tiny_predictor" in done.stderr
+    assert not (tmp_path / "run").exists()

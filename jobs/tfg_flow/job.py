@@ -41,8 +41,10 @@ from scaleyard.platform.config import (
     bounded,
     choice,
     stream_config,
+    to_dotlist,
 )
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts, SampleRequest
+from scaleyard.platform.stages import Stage
 
 log = logging.getLogger("scaleyard")
 TASKS = ("flow", "predictor")
@@ -71,6 +73,9 @@ class EvalConfig:
 class GuidanceSection(GuidanceConfig):
     predictor_run: str = ""  # a `task=predictor` run on the guide split
     oracle_run: str = ""  # a `task=predictor` run on the oracle split
+    # with predictor_run and oracle_run empty: train both first from this preset (e.g. small_predictor)
+    # on the `guide` and `oracle` splits beside data.path, into <run.dir>/stages/{predictor,oracle}
+    predictor_stage: str = ""
     properties: list[str] = field(default_factory=lambda: list(PROPERTIES))  # compared in report.md
     molecules: int = bounded(64, 1)  # per property in report.md (targets: the held-out split's values)
 
@@ -112,6 +117,29 @@ class TFGFlow(Job):
         unknown = [p for p in cfg.properties if p not in PROPERTIES]
         if unknown:
             raise ConfigError(f"config key 'properties': unknown {unknown}; choose from {list(PROPERTIES)}")
+        stage = cfg.guidance.predictor_stage
+        if stage and cfg.task == "flow" and not (cfg.guidance.predictor_run or cfg.guidance.oracle_run):
+            if stage not in self.presets():
+                raise ConfigError(f"config key 'guidance.predictor_stage': no preset {stage!r}; presets: "
+                                  f"{self.presets()}")
+            for split in ("guide", "oracle"):
+                if not (Path(cfg.data.path).parent / split / "index.json").exists():
+                    raise ConfigError(f"config key 'guidance.predictor_stage': the predictors train on the {split!r} "
+                                      f"split beside data.path, and {Path(cfg.data.path).parent / split} holds none "
+                                      "(build QM9 with --option tfg_splits=true)")
+
+    def stages(self, cfg: DictConfig) -> list[Stage]:
+        """The guidance predictor and the oracle, when `guidance.predictor_stage` names their preset
+        and neither run is given: trained on the disjoint guide and oracle splits."""
+        g = cfg.guidance
+        if cfg.task != "flow" or not g.predictor_stage or g.predictor_run or g.oracle_run:
+            return []
+        splits = Path(cfg.data.path).parent
+        shared = to_dotlist({"engine": OmegaConf.to_container(cfg.engine)})
+        return [Stage(name, {f"guidance.{key}": ""}, job=self.name, preset=g.predictor_stage,
+                      overrides=(f"data.path={splits / split}", f"data.eval_path={cfg.data.eval_path}",
+                                 f"run.seed={cfg.run.seed}", *shared))
+                for name, key, split in (("predictor", "predictor_run", "guide"), ("oracle", "oracle_run", "oracle"))]
 
     def build(self, cfg: DictConfig, ctx: Context) -> JobParts:
         self.cfg, self.ctx = cfg, ctx
