@@ -50,10 +50,11 @@ ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:.*
 
 
 def run_dirs(path: Path) -> list[Path]:
-    """A run folder, or every run folder below a sweep folder."""
+    """A run folder (with the stages it trains first, platform/stages.py), or every run folder
+    below a sweep folder."""
     path = Path(path)
     if (path / SUBMISSION_FILE).exists() or (path / "config.yaml").exists():
-        return [path]
+        return [path, *sorted(p.parent for p in path.glob("stages/*/config.yaml"))]
     found = {p.parent for p in path.rglob(SUBMISSION_FILE)} | {p.parent for p in path.rglob("config.yaml")}
     return sorted(found)
 

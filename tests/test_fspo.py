@@ -322,6 +322,9 @@ def test_one_command_trains_the_sft_stage_then_ipo_from_its_weights(tmp_path):
     trained = _weights(sft).weights
     assert all(torch.equal(start[k], trained[k]) for k in trained)
     assert _scalars(ipo)["train/loss"][0] == pytest.approx(2500.0)
+    # `scaleyard status RUN` lists the run and its stage
+    rows = json.loads(scaleyard("status", str(ipo), "--json").stdout)
+    assert [(r["run"], r["state"]) for r in rows] == [(str(ipo), "COMPLETED"), (str(sft), "COMPLETED")], rows
     # the same command again: both finished, nothing retrained
     again = scaleyard(*args)
     assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr[-2000:]
