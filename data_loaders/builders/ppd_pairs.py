@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from scaleyard.data_loaders.builders import Split
-from scaleyard.data_loaders.builders.ppd_users import SPLITS, describe, make_persona, prompts, reward
+from scaleyard.data_loaders.builders.ppd_users import SPLITS, describe, hard, make_persona, prompts, reward
 from scaleyard.data_loaders.index import DataError
 
 TIE_RETRIES = 20
@@ -54,7 +54,7 @@ def png(array: np.ndarray) -> bytes:
 
 
 class Pool:
-    """`size` base samples per prompt (uint8 [H, W, C]) and the reader's attributes of each."""
+    """`size` base samples per prompt (uint8 [H, W, C]) and the reader's attribute probabilities of each."""
 
     def __init__(self, sources: Any, seed: int, size: int):
         self.images: list[np.ndarray] = []
@@ -110,8 +110,8 @@ def example(pool: Pool, seed: int, split: str, data: dict[str, Any], target: int
     meta = {"user": data["persona"]["user"], "persona": data["persona"], "prompt": pair["prompt"],
             "margin": pair["margin"], "preferred_reward": pair["preferred_reward"],
             "dispreferred_reward": pair["dispreferred_reward"],
-            "preferred_attributes": pool.attributes[pair["prompt_index"]][pair["preferred"]],
-            "dispreferred_attributes": pool.attributes[pair["prompt_index"]][pair["dispreferred"]],
+            "preferred_attributes": hard(pool.attributes[pair["prompt_index"]][pair["preferred"]]),
+            "dispreferred_attributes": hard(pool.attributes[pair["prompt_index"]][pair["dispreferred"]]),
             "context": [{k: data["pairs"][i][k] for k in ("prompt", "margin")} for i in others]}
     return {"__key__": f"{user:05d}{target:03d}", "preferred.png": png(image(pair, "preferred")),
             "dispreferred.png": png(image(pair, "dispreferred")), "context.png": png(strip), "json": meta}

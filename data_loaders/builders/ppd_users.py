@@ -6,7 +6,9 @@ drawn per user (each trait active with probability 0.6, at least two active, mag
 [0.5, 1.5]); a favourite colour agrees with the user's warmth (a user who likes warm colours
 favours red, orange or yellow), so users are self-consistent, and the 2^6 active/sign patterns
 times continuous magnitudes make them diverse. A user's reward of an image is the weighted sum of
-the traits of the attributes the attribute reader sees in it. Everything is a function of
+the traits of what the attribute reader sees in it: the expectation under the reader's
+probabilities of each attribute's values (so a reward moves smoothly as an image becomes more
+clearly large, red or centred, and two different images rarely tie). Everything is a function of
 (seed, split, user): the same user is drawn in the builder, the job and the tests.
 """
 
@@ -33,16 +35,41 @@ def prompts() -> list[str]:
     return [p for shape in SHAPES for p in (f"{shape} shapes", f"a {shape}")]
 
 
-def traits(attributes: dict[str, Any]) -> dict[str, float]:
-    """Trait values in [-1, 1] of one image's attributes."""
-    position = attributes.get("position")
-    if position in (None, "none"):
-        centred = high = 0.0
-    else:
-        centred = 1.0 if position == "center" else -1.0
-        high = 1.0 if position.startswith("top") else -1.0 if position.startswith("bottom") else 0.0
-    return {"warm": WARM[attributes["color"]], "large": 1.0 if attributes["size"] == "large" else -1.0,
-            "clutter": float(attributes["count"]) - 2.0, "centred": centred, "high": high}
+def value_traits(attribute: str, value: Any) -> dict[str, float]:
+    """Trait values in [-1, 1] that one attribute value contributes."""
+    if attribute == "color":
+        return {"warm": WARM[value]}
+    if attribute == "size":
+        return {"large": 1.0 if value == "large" else -1.0}
+    if attribute == "count":
+        return {"clutter": float(value) - 2.0}
+    if attribute == "position":
+        if value in (None, "none"):
+            return {"centred": 0.0, "high": 0.0}
+        return {"centred": 1.0 if value == "center" else -1.0,
+                "high": 1.0 if value.startswith("top") else -1.0 if value.startswith("bottom") else 0.0}
+    return {}
+
+
+def soft(attributes: dict[str, Any]) -> dict[str, list[float]]:
+    """Attribute values (a `shapes` sample's json) as one-hot probabilities over ATTRIBUTES."""
+    values = {**attributes, "position": attributes.get("position") or "none"}
+    return {a: [1.0 if v == values[a] else 0.0 for v in vocab] for a, vocab in ATTRIBUTES.items()}
+
+
+def hard(probabilities: dict[str, list[float]]) -> dict[str, Any]:
+    """The most probable value of each attribute."""
+    return {a: ATTRIBUTES[a][max(range(len(p)), key=p.__getitem__)] for a, p in probabilities.items()}
+
+
+def traits(probabilities: dict[str, list[float]]) -> dict[str, float]:
+    """Expected trait values under the reader's probabilities of each attribute's values."""
+    out = {t: 0.0 for t in TRAITS}
+    for attribute, probs in probabilities.items():
+        for value, p in zip(ATTRIBUTES[attribute], probs):
+            for trait, v in value_traits(attribute, value).items():
+                out[trait] += p * v
+    return out
 
 
 def make_persona(seed: int, split: str, user: int) -> dict[str, Any]:
@@ -63,12 +90,15 @@ def make_persona(seed: int, split: str, user: int) -> dict[str, Any]:
             "favourite_weight": favourite_weight}
 
 
-def reward(persona: dict[str, Any], attributes: dict[str, Any]) -> float:
-    values = traits(attributes)
+def reward(persona: dict[str, Any], probabilities: dict[str, list[float]]) -> float:
+    """The user's reward of an image: its expected trait values under what the reader sees (its
+    probabilities per attribute; `soft(attributes)` for known attributes) times the user's weights,
+    plus the favourite colour's weight times its probability."""
+    values = traits(probabilities)
     total = sum(persona["weights"][t] * values[t] for t in TRAITS)
-    if persona.get("favourite") and attributes["color"] == persona["favourite"]:
-        total += persona["favourite_weight"]
-    return float(round(total, 6))  # rounded: equal attributes tie exactly, whatever the summation order
+    if persona.get("favourite"):
+        total += persona["favourite_weight"] * probabilities["color"][ATTRIBUTES["color"].index(persona["favourite"])]
+    return float(round(total, 6))  # rounded: equal readings tie exactly, whatever the summation order
 
 
 def describe(persona: dict[str, Any]) -> str:

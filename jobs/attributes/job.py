@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -76,7 +75,7 @@ def model_config(cfg: DictConfig, channels: int = 3, image_size: int = 32) -> Cl
 
 
 class AttributeReader(nn.Module):
-    """A trained reader: images [B, 3, H, W] in [0, 1] -> attribute dicts, and frozen features."""
+    """A trained reader: images [B, 3, H, W] in [0, 1] -> attribute probabilities, and frozen features."""
 
     def __init__(self, net: ConvClassifier):
         super().__init__()
@@ -90,13 +89,12 @@ class AttributeReader(nn.Module):
         return torch.stack([g.argmax(-1) for g in split_logits(self.net(images))], dim=-1)
 
     @torch.no_grad()
-    def read(self, images: torch.Tensor) -> list[dict[str, Any]]:
-        indices = self(images).tolist()
-        out = []
-        for row in indices:
-            values = {name: ATTRIBUTES[name][i] for (name, _), i in zip(GROUPS, row)}
-            out.append({k: (int(v) if isinstance(v, np.integer) else v) for k, v in values.items()})
-        return out
+    def read(self, images: torch.Tensor) -> list[dict[str, list[float]]]:
+        """Per image, each attribute's probabilities over its values (ATTRIBUTES order), rounded to
+        4 decimals so that what is stored in shards and recomputed later compare equal."""
+        groups = [g.float().softmax(-1) for g in split_logits(self.net(images))]
+        return [{name: [round(float(p), 4) for p in g[i]] for (name, _), g in zip(GROUPS, groups)}
+                for i in range(len(images))]
 
 
 class Attributes(Job):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from scaleyard.data_loaders.builders.ppd_users import describe, prompts, reward
+from scaleyard.data_loaders.builders.ppd_users import describe, hard, prompts, reward
 from scaleyard.jobs.fspo.evaluation import wilson_interval, wins
 from scaleyard.jobs.ppd.sources import generate, to_unit
 
@@ -88,8 +88,8 @@ class Evaluator:
                                 ("other", read(u, tokens[(u + 1) % count]))):
                 scored[which] += [(reward(persona, a), reward(persona, b)) for a, b in zip(seen, base)]
             if u < 4:
-                examples.append({"user": user["user"], "persona": describe(persona), "own": own[:2],
-                                 "base": base[:2]})
+                examples.append({"user": user["user"], "persona": describe(persona),
+                                 "own": [hard(a) for a in own[:2]], "base": [hard(a) for a in base[:2]]})
         result: dict[str, Any] = {name: rate(pairs) for name, pairs in scored.items()}
         result["interpolation"] = self._interpolate(policy, reader, process, tokens)
         result["examples"] = examples

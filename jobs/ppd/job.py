@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from scaleyard.data_loaders.builders.ppd_users import hard
 from scaleyard.data_loaders.index import DataError, load_index
 from scaleyard.data_loaders.pipeline import ShardStream, stack
 from scaleyard.jobs.attributes.job import load_reader
@@ -252,8 +253,8 @@ class PPD(Job):
             model.denoiser.set_user(None)
         request.out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(torch.cat([base, personal]), request.out, rows)
-        return {"prompt": prompt, "samples": rows, "attributes": reader.read(personal),
-                "base_attributes": reader.read(base)}
+        return {"prompt": prompt, "samples": rows, "attributes": [hard(a) for a in reader.read(personal)],
+                "base_attributes": [hard(a) for a in reader.read(base)]}
 
     # --- what the platform asks about the model ------------------------------------------------
     @staticmethod
