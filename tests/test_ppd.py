@@ -68,6 +68,36 @@ def test_user_attention_starts_exactly_at_the_base_model(arch):
     assert wrapped.adapters()[0].to_v.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_ppd_model_at_step_zero_is_the_base_model(lora_rank):
+    if lora_rank:
+        pytest.importorskip("peft")
+    from scaleyard.jobs.ppd.model import PersonalizedT2I, PPDShape
+    from scaleyard.jobs.t2i.job import TextToImage
+    from scaleyard.models.text_encoder import TextEncoderConfig
+    from scaleyard.models.user_conditioning import UserEncoderConfig
+
+    d = preset("uvit-cpu-xs", image_size=32, channels=3)
+    shape = PPDShape(d, TextEncoderConfig(width=d.text_dim, depth=1, heads=2, max_len=d.text_len),
+                     UserEncoderConfig(feature_dim=16, width=d.width, tokens=2, hidden=8), "flow")
+    torch.manual_seed(0)
+    base = TextToImage(shape.denoiser, shape.text)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.05)
+    model = PersonalizedT2I(shape, copy.deepcopy(base), lora_rank=lora_rank)
+    trainable = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert {"to_k", "to_v"} <= trainable and ("default" in trainable) == bool(lora_rank)  # peft's adapter names
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".attn.base.qkv.weight" in n)
+    images, noise, t = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 3, 32, 32), torch.rand(4)
+    captions = ["circle shapes", "a square", "", "red triangle shapes"]
+    features = torch.randn(2, 4, 2, 16)
+    with torch.no_grad():
+        expected = base(images, captions, t, noise, "flow")
+        got = model(images, captions, t, noise, features, torch.tensor([True, True]))
+    assert torch.equal(got, expected)
+
+
 def test_diffusion_dpo_loss_equals_the_hand_computation():
     pw, pl = torch.tensor([0.30, 0.50]), torch.tensor([0.40, 0.45])
     rw, rl = torch.tensor([0.35, 0.50]), torch.tensor([0.35, 0.50])

@@ -50,7 +50,9 @@ class ModelConfig:
     user_tokens: int = bounded(4, 1)
     encoder_hidden: int = bounded(128, 1)
     user_dropout: float = bounded(0.1, 0.0, 1.0)  # share of examples trained without the user embedding
-    train_base: bool = False  # also train the base model's weights (default: only the added weights)
+    train_base: bool = False  # also train all the base model's weights (default: only the added weights)
+    lora_rank: int = bounded(0, 0)  # > 0: also LoRA adapters (peft) of this rank on the base denoiser
+    lora_alpha: float = bounded(16.0, 0.0)
 
 
 @dataclass
@@ -165,7 +167,8 @@ class PPD(Job):
         self.reference = copy.deepcopy(base).eval().requires_grad_(False)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed)
-            model = PersonalizedT2I(self.model_shape, base.requires_grad_(True), cfg.model.train_base)
+            model = PersonalizedT2I(self.model_shape, base.requires_grad_(True), cfg.model.train_base,
+                                    cfg.model.lora_rank, cfg.model.lora_alpha)
         self.evaluator = None
         if cfg.eval.users:
             users = heldout_users(self.found["heldout"], cfg.model.context_pairs, cfg.eval.users)
@@ -221,7 +224,8 @@ class PPD(Job):
                 "train_pairs": self.found["train"], "heldout_pairs": self.found["heldout"],
                 "heldout_users": len(self.evaluator.users), "samples_per_user": cfg.eval.samples_per_user,
                 "context_pairs": cfg.model.context_pairs, "beta": cfg.loss.beta, "lr": cfg.optim.lr,
-                "train_base": cfg.model.train_base, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+                "train_base": cfg.model.train_base, "lora_rank": cfg.model.lora_rank, "steps": cfg.train.steps,
+                "batch_size": cfg.train.batch_size,
                 "prerequisites_seconds": self.found.get("seconds"),
                 "reader_accuracy": json.loads(reader_accuracy.read_text()) if reader_accuracy.exists() else None}
 
@@ -235,7 +239,7 @@ class PPD(Job):
         user = read_pairs_request(request.known, cfg.model.context_pairs)
         shape = shape_from_state(job_state)
         reader_run = job_state.get("reader_run") or cfg.model.reader_run
-        model = PersonalizedT2I(shape)
+        model = PersonalizedT2I(shape, lora_rank=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha)
         model.load_state_dict(weights)
         model.eval()
         reader = load_reader(reader_run)

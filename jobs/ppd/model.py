@@ -3,7 +3,8 @@ decoupled user attention in every block (models/user_conditioning.py) and the us
 
 One forward returns the per-sample flow-matching errors of a batch, so DDP and ZeRO see every
 trainable call. By default only the added weights train (the user encoder and each block's
-W'_k, W'_v); `model.train_base=true` trains the base weights too.
+W'_k, W'_v); `lora_rank > 0` adds LoRA adapters (peft, zero-initialised) to the base denoiser's
+attention and MLP projections, and `train_base` trains all base weights.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class PPDShape:
 
 
 class PersonalizedT2I(nn.Module):
-    def __init__(self, shape: PPDShape, base: TextToImage | None = None, train_base: bool = False):
+    def __init__(self, shape: PPDShape, base: TextToImage | None = None, train_base: bool = False,
+                 lora_rank: int = 0, lora_alpha: float = 16.0):
         super().__init__()
         self.shape = shape
         base = base if base is not None else TextToImage(shape.denoiser, shape.text)
@@ -39,12 +41,17 @@ class PersonalizedT2I(nn.Module):
         self.text = base.text
         self.denoiser = UserConditionedDenoiser(base.denoiser)
         self.user_encoder = UserEncoder(shape.encoder)
-        if not train_base:
-            self.text.requires_grad_(False)
-            self.denoiser.requires_grad_(False)
-            for adapter in self.denoiser.adapters():
-                adapter.to_k.requires_grad_(True)
-                adapter.to_v.requires_grad_(True)
+        if lora_rank:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            # the base's own projections (qkv, attention output, MLP), not the added W'_k / W'_v
+            targets = r".*(attn\.base\.(qkv|proj)|mlp\.fc1|mlp\.fc2)"
+            inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                               target_modules=targets), self.denoiser)
+        # set after peft, which marks everything but its own adapters as frozen
+        self.text.requires_grad_(train_base)
+        for name, param in self.denoiser.named_parameters():
+            param.requires_grad_(train_base or "lora_" in name or ".to_k." in name or ".to_v." in name)
 
     def encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         from scaleyard.models.text_encoder import tokenize
