@@ -178,9 +178,13 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from scaleyard.platform.export import export
+    from scaleyard.platform.export import FORMATS, export, job_export
 
-    out, digest = export(Path(args.run), args.format, Path(args.out) if args.out else None, args.step, args.ema)
+    out = Path(args.out) if args.out else None
+    if args.format not in FORMATS:  # a job's own format (Job.export_formats), e.g. the logic job's c
+        print(json.dumps(job_export(Path(args.run), args.format, out, args.step, args.ema, args.job)))
+        return 0
+    out, digest = export(Path(args.run), args.format, out, args.step, args.ema)
     print(f"wrote {out} (weights sha256 {digest})")
     return 0
 
@@ -379,10 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
     exp = sub.add_parser("export", help="consolidate a run's checkpoint (any engine) into one weights file")
     exp.add_argument("run")
-    exp.add_argument("--format", default="safetensors", help="safetensors")
+    exp.add_argument("--format", default="safetensors",
+                     help="safetensors, or a format of the run's job (Job.export_formats; logic: c)")
     exp.add_argument("--out", default=None, help="file to write (default RUN/export/step_N.safetensors)")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     exp.add_argument("--ema", action="store_true", help="the EMA weights instead of the trained ones")
+    exp.add_argument("--job", default=None, help="the run's job, when the folder cannot tell (no summary.json)")
     exp.set_defaults(func=cmd_export)
     sweep = sub.add_parser("sweep", help="launch (or resume) a sweep as one job array: from a YAML spec, or "
                                           "Hydra-style from the command line (JOB optim.lr=1e-3,3e-3 ...)")

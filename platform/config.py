@@ -71,6 +71,10 @@ class OptimConfig:
     warmup_steps: int = bounded(0, 0)
     schedule: str = choice("cosine", SCHEDULES)
     min_lr_ratio: float = bounded(0.1, 0.0, 1.0)
+    # TrAct (platform/tract.py): the first layer's weight gradient is preconditioned by
+    # (X^T X / b + tract_lambda I)^-1; needs a job that declares its first layer
+    tract: bool = False
+    tract_lambda: float = bounded(0.1, 0.0)
 
 
 @dataclass

@@ -6,6 +6,10 @@ weights from any engine's checkpoint, readable without scaleyard, DeepSpeed or m
   rebuilt from each rank's partitions (`local_rank<R>.pt`);
 - megatron: the tensor-parallel files merged with the sharding layout saved beside them.
 Never overwrites: an existing output file is an error.
+
+Other formats belong to a job (the logic job's `--format c`, a compiled circuit): a job lists
+them in `Job.export_formats` and writes them in `Job.export`; `export` finds the run's job through
+the registry, so this module imports no job.
 """
 
 from __future__ import annotations
@@ -114,6 +118,46 @@ def _saved_buffer_dtypes(model: dict[str, torch.Tensor], folder: Path) -> dict[s
 def _with_buffers(ema: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The EMA partitions hold parameters only; buffers are the model's (they are not averaged)."""
     return {name: ema.get(name, value) for name, value in model.items()}
+
+
+def run_job_name(run_dir: Path) -> str:
+    """The job of a run folder: its summary.json, else the folder layout runs/<job>/<name>."""
+    from scaleyard.platform.job import registry
+
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())["job"]
+    if run_dir.absolute().parent.name in registry():
+        return run_dir.absolute().parent.name
+    raise ExportError(f"cannot tell which job wrote {run_dir} (no summary.json yet); pass --job NAME")
+
+
+def job_formats(job_name: str) -> dict[str, str]:
+    from scaleyard.platform.job import get_job
+
+    return get_job(job_name).export_formats()
+
+
+def job_export(run_dir: Path, fmt: str, out: Path | None = None, step: int | None = None, ema: bool = False,
+               job_name: str | None = None) -> dict:
+    """A job-provided format: the run's weights (any engine) handed to `Job.export`."""
+    from omegaconf import OmegaConf
+
+    from scaleyard.platform.job import get_job
+    from scaleyard.platform.weights import load_run_weights
+
+    job_cls = get_job(job_name or run_job_name(run_dir))
+    formats = job_cls.export_formats()
+    if fmt not in formats:
+        raise ExportError(f"--format {fmt!r} is not supported for runs of job {job_cls.name}; choose one of "
+                          f"{', '.join((*FORMATS, *formats))}")
+    loaded = load_run_weights(run_dir, step, ema)
+    out = out or run_dir / "export" / f"step_{loaded.step:08d}{'_ema' if loaded.ema else ''}.{fmt}"
+    if out.exists():
+        raise ExportError(f"{out} exists; choose another --out (exports never overwrite)")
+    cfg = OmegaConf.merge(OmegaConf.structured(job_cls.Config), loaded.config)
+    summary = job_cls().export(fmt, cfg, loaded.weights, loaded.job_state, out)
+    return {"run": str(run_dir), "step": loaded.step, "ema": loaded.ema, "format": fmt, "out": str(out), **summary}
 
 
 def export(run_dir: Path, fmt: str = "safetensors", out: Path | None = None, step: int | None = None,

@@ -199,6 +199,25 @@ class Job:
                          "flops_per_sample": cls.flops_per_sample(cfg) or None})
         return rows
 
+    @staticmethod
+    def first_layer(cfg: DictConfig) -> str | None:
+        """The dotted name, inside JobParts.model, of the layer that reads the raw input (an
+        nn.Linear, nn.Conv2d or a patch embedding's Conv2d): where `optim.tract=true` applies
+        TrAct (platform/tract.py). None: no such layer, and optim.tract is refused."""
+        return None
+
+    @classmethod
+    def export_formats(cls) -> dict[str, str]:
+        """Formats beyond safetensors that `scaleyard export RUN --format NAME` writes for this
+        job's runs, name -> what it writes; each is produced by `export`."""
+        return {}
+
+    def export(self, fmt: str, cfg: DictConfig, weights: dict[str, torch.Tensor], job_state: dict[str, Any],
+               out: Path) -> dict[str, Any]:
+        """Write `weights` (the trained model's full state dict) in format `fmt` to `out`;
+        returns a summary (files written, sizes). Called only for a name in `export_formats`."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

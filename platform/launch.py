@@ -31,6 +31,7 @@ from scaleyard.platform.distributed import DistEnv, destroy_process_group, env_f
 from scaleyard.platform.engines import check_engine, data_world_size
 from scaleyard.platform.job import Job, get_job
 from scaleyard.platform.stages import STAGES_DIR, prepare_stages, run_stages
+from scaleyard.platform.tract import check_tract
 
 log = logging.getLogger("scaleyard")
 # Keys that may change when a run is resumed (extend it, change cadences); anything else would
@@ -96,6 +97,7 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
             raise ConfigError(f"config key 'train.activation_checkpointing': job {job_name}'s memory_shape lists no "
                               "repeated blocks to recompute; turn it off (a job whose model has such blocks declares "
                               "them in JobParts.blocks and lists them as stacks in memory_shape)")
+        check_tract(cfg, job_cls)
     job = job_cls()
     job.check(cfg, world_size)
     if not cfg.run.dir:

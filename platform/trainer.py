@@ -33,6 +33,7 @@ from scaleyard.platform.engines import make_engine
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
 from scaleyard.platform.metrics import MetricsWriter, Progress, memory_gb, peak_tflops
 from scaleyard.platform.optim import default_param_groups, make_optimizer, make_scheduler
+from scaleyard.platform.tract import attach_tract
 from scaleyard.platform.train_data import BuildError, train_stream
 
 log = logging.getLogger("scaleyard")
@@ -167,6 +168,8 @@ class Trainer:
             raise BuildError(f"job {job.name}: build() returned no model; put the trainable module(s) in "
                              "JobParts(model=...)")
         self.train_data = train_stream(self.parts, cfg, self.ctx, job.name)
+        if cfg.optim.get("tract", False):  # before wrapping: DDP/ZeRO then reduce the TrAct gradient
+            attach_tract(self.parts.model, job.first_layer(cfg), cfg.optim.tract_lambda)
         engine.wrap(self.parts.model, self.parts.frozen, tp_plan=job.tp_plan(cfg), blocks=self.parts.blocks)
         groups = (self.parts.param_groups(engine.module) if self.parts.param_groups
                   else default_param_groups(engine.module, cfg.optim.weight_decay))

@@ -103,6 +103,11 @@ class Classify(Job):
         return classifier_flops_per_sample(model_config(cfg))
 
     @staticmethod
+    def first_layer(cfg: DictConfig) -> str:
+        """The first convolution, which reads the pixels: where optim.tract=true applies TrAct."""
+        return "stages.0"
+
+    @staticmethod
     def memory_shape(cfg: DictConfig) -> ModelShape:
         """For the planner: parameters only (a small CNN; its activations are not modelled)."""
         with torch.device("meta"):

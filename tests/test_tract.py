@@ -1,0 +1,114 @@
+"""TrAct (platform/tract.py): the first layer's weight gradient against a hand computation
+(Linear, both the direct and the Woodbury form, and Conv2d patches), its lambda -> infinity limit,
+untouched input and bias gradients, config errors that name the key, and exact resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scaleyard.jobs.classify.job import Classify
+from scaleyard.platform.config import ConfigError
+from scaleyard.platform.distributed import DistEnv
+from scaleyard.platform.launch import prepare, write_config
+from scaleyard.platform.tract import attach_tract
+from scaleyard.platform.trainer import Trainer
+
+
+def hand_tract(grad_out: np.ndarray, rows: np.ndarray, lam: float) -> np.ndarray:
+    """G^T X (X^T X / b + lambda I)^-1, written out in float64 numpy."""
+    b, n = rows.shape
+    return grad_out.T @ rows @ np.linalg.inv(rows.T @ rows / b + lam * np.eye(n))
+
+
+def grads(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Weight, bias and input gradients of sum(layer(x) * upstream)."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    (layer(x) * upstream).sum().backward()
+    return layer.weight.grad.clone(), layer.bias.grad.clone(), x.grad.clone()
+
+
+@pytest.mark.parametrize("batch", [7, 3], ids=["b>=n", "woodbury b<n"])
+def test_linear_weight_gradient_equals_the_closed_form(batch):
+    torch.manual_seed(0)
+    plain = nn.Linear(5, 2).double()
+    tract = nn.Linear(5, 2).double()
+    tract.load_state_dict(plain.state_dict())
+    attach_tract(nn.Sequential(tract), "0", 0.1)
+    x, upstream = torch.randn(batch, 5, dtype=torch.float64), torch.randn(batch, 2, dtype=torch.float64)
+    w_plain, b_plain, x_plain = grads(plain, x, upstream)
+    w_tract, b_tract, x_tract = grads(tract, x, upstream)
+    expected = hand_tract(upstream.numpy(), x.numpy(), 0.1)
+    np.testing.assert_allclose(w_tract.numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(w_tract, w_plain)
+    assert torch.equal(b_tract, b_plain) and torch.equal(x_tract, x_plain)  # only the weight gradient changes
+
+
+def test_conv_weight_gradient_uses_unfolded_patches_and_tends_to_the_plain_gradient():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    x, upstream = torch.randn(2, 2, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    w_plain, b_plain, _ = grads(conv, x, upstream)
+    attach_tract(nn.Sequential(conv), "0", 0.5)
+    w_tract, b_tract, _ = grads(conv, x, upstream)
+    # the patches by hand: one row per (image, y, x), the 2 x 3 x 3 window around it (zero padded)
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    rows = np.array([padded[i, :, y:y + 3, x_:x_ + 3].reshape(-1) for i in range(2) for y in range(4)
+                     for x_ in range(4)])
+    g = upstream.numpy().transpose(0, 2, 3, 1).reshape(-1, 3)
+    np.testing.assert_allclose(w_tract.reshape(3, -1).numpy(), hand_tract(g, rows, 0.5), rtol=1e-9, atol=1e-12)
+    assert torch.equal(b_tract, b_plain)
+    # lambda -> infinity: lambda x the TrAct gradient -> the plain gradient
+    conv.tract_lambda = 1e7
+    w_big, _, _ = grads(conv, x, upstream)
+    torch.testing.assert_close(w_big * 1e7, w_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_and_unsupported_layers():
+    layer = nn.Linear(4, 3)
+    attach_tract(nn.Sequential(layer), "0", 0.1)
+    x = torch.randn(8, 4)
+    layer(x).sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+    with torch.no_grad():  # no gradient: the plain forward, nothing saved
+        assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    with pytest.raises(ConfigError, match="optim.tract.*LayerNorm.*nn.Linear and nn.Conv2d"):
+        attach_tract(nn.Sequential(nn.LayerNorm(4)), "0", 0.1)
+    with pytest.raises(ConfigError, match="optim.tract.*groups=2"):
+        attach_tract(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), "0", 0.1)
+    with pytest.raises(ConfigError, match="optim.tract.*'stem' is not a submodule"):
+        attach_tract(nn.Sequential(layer), "stem", 0.1)
+
+
+def test_bad_settings_fail_before_anything_runs(classify_args, tmp_path):
+    base = [*classify_args, f"run.dir={tmp_path / 'never'}"]
+    with pytest.raises(ConfigError, match="'optim.tract_lambda': -1.0 is below the minimum"):
+        prepare("classify", [*base, "optim.tract=true", "optim.tract_lambda=-1"], preset="tiny")
+    with pytest.raises(ConfigError, match="'optim.tract_lambda': 0.0 must be > 0"):
+        prepare("classify", [*base, "optim.tract=true", "optim.tract_lambda=0"], preset="tiny")
+    prepare("classify", [*base, "optim.tract=true"], preset="tiny")  # classify declares its first conv
+    assert not (tmp_path / "never").exists()
+
+
+def train(classify_args, run_dir, *overrides):
+    prepared = prepare("classify", [*classify_args, f"run.dir={run_dir}", "optim.tract=true", *overrides],
+                       preset="tiny")
+    write_config(prepared)
+    return Trainer(Classify(), prepared.cfg, DistEnv(), handle_signals=False).run()
+
+
+def test_classify_with_tract_resumes_exactly_and_differs_from_plain(classify_args, tmp_path):
+    reference = train(classify_args, tmp_path / "ref")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "ref", copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000012")
+    (copy / "summary.json").unlink()
+    assert train(classify_args, copy)["weights_sha256"] == reference["weights_sha256"]
+    plain = train(classify_args, tmp_path / "plain", "optim.tract=false", "train.steps=2")
+    partial = train(classify_args, tmp_path / "two", "train.steps=2")
+    assert plain["weights_sha256"] != partial["weights_sha256"]  # the option really changes training
