@@ -27,6 +27,7 @@ from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
 from scaleyard.models.classifier import ClassifierConfig, ConvClassifier, classifier_flops_per_sample
 from scaleyard.platform.config import ConfigError, DataConfig, TrainingConfig, batch_per_rank, bounded, stream_config
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
+from scaleyard.platform.planner import ModelShape
 
 GROUPS = tuple((name, len(values)) for name, values in ATTRIBUTES.items())
 
@@ -151,6 +152,13 @@ class Attributes(Job):
     @staticmethod
     def flops_per_sample(cfg: DictConfig) -> float:
         return classifier_flops_per_sample(model_config(cfg))
+
+    @staticmethod
+    def memory_shape(cfg: DictConfig) -> ModelShape:
+        """For the planner and `scaleyard models`: parameters only (a small CNN on 3x32x32 shapes)."""
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in ConvClassifier(model_config(cfg)).parameters())
+        return ModelShape(parameters, parameters)
 
     def state_dict(self) -> dict:
         # the architecture travels with the weights, so the ppd job can rebuild the reader
