@@ -228,8 +228,8 @@ def test_tiny_preset_runs_the_whole_path_and_reports(tiny_run, tmp_path):
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     summary = json.loads(sampled.stdout.strip().splitlines()[-1])
     assert summary["samples"] == 3 and len(summary["attributes"]) == 3
-    assert Image.open(tmp_path / "out.png").size == (3 * 34, 2 * 34)  # base row, personalised row
-    assert load_index(shard).builder == "ppd_pairs"
+    side = load_index(shard).extra["image_shape"][1] + 2  # with the grid's gutter
+    assert Image.open(tmp_path / "out.png").size == (3 * side, 2 * side)  # base row, personalised row
     (tmp_path / "short.json").write_text(json.dumps({"prompt": "a circle", "pairs": pairs[:2]}))
     refused = scaleyard("sample", str(tiny_run), "--known", str(tmp_path / "short.json"), "--out",
                         str(tmp_path / "x.png"))

@@ -82,6 +82,9 @@ class PrereqConfig:
     """How a missing base run and reader are trained (the ordinary t2i / attributes presets)."""
 
     shapes_limit: int = bounded(20_000, 100)
+    # 16 px with the CPU presets' 4 px patches is 16 tokens: a quarter of the attention and MLP cost
+    # of 32 px, and colour, size, count and position still readable
+    resolution: int = bounded(16, 8)
     partial_captions: float = bounded(0.5, 0.0, 1.0)  # each attribute left out of a caption with this probability
     base_preset: str = "default"
     base_overrides: list[str] = field(default_factory=list)

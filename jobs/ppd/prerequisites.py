@@ -68,15 +68,16 @@ def build_prerequisites(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict[s
     base, reader = cfg.model.base_run, cfg.model.reader_run
     logs = run_dir / "prereqs"
     if (not base or not reader) and not _built(paths["shapes"], ("train", "test")):
-        _cli(["data", "build", "shapes", "--out", str(paths["shapes"]), "--limit", str(p.shapes_limit),
-              "--overwrite", "--option", "resolution=32", "--option", f"partial_captions={p.partial_captions}"],
+        _cli(["data", "build", "shapes", "--out", str(paths["shapes"]), "--limit", str(p.shapes_limit), "--overwrite",
+              "--option", f"resolution={p.resolution}", "--option", f"partial_captions={p.partial_captions}"],
              logs / "shapes.log")
     data = [f"data.path={paths['shapes']}/train", f"data.eval_path={paths['shapes']}/test"]
     if not base:
         base = str(paths["base"])
         if not _finished(paths["base"]):
-            _cli(["run", "t2i", "--preset", p.base_preset, *data, "model.channels=3", "model.image_size=32",
-                  "eval.samples=0", f"run.seed={cfg.run.seed}", *p.base_overrides, f"run.dir={base}"],
+            _cli(["run", "t2i", "--preset", p.base_preset, *data, "model.channels=3",
+                  f"model.image_size={p.resolution}", "eval.samples=0", f"run.seed={cfg.run.seed}",
+                  *p.base_overrides, f"run.dir={base}"],
                  logs / "base.log")
     if not reader:
         reader = str(paths["reader"])
