@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from scaleyard.platform.checkpoint import Checkpointer
 from scaleyard.platform.config import (
@@ -131,7 +132,8 @@ def check_run_dir(prepared: Prepared) -> str:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return "new"
-    changed = [k for k in differing_keys(OmegaConf.load(saved), prepared.cfg) if k not in RESUMABLE_CHANGES]
+    changed = [k for k in differing_keys(_saved_with_new_defaults(saved, prepared), prepared.cfg)
+               if k not in RESUMABLE_CHANGES]
     if changed:
         if not has_checkpoint(run_dir):
             log.info("%s has no checkpoint yet (an earlier start failed): starting it anew with the changed "
@@ -147,6 +149,17 @@ def check_run_dir(prepared: Prepared) -> str:
     if prepared.job.trains and int(summary.get("step", 0)) < prepared.cfg.train.steps:
         return "continue"
     return "finished"
+
+
+def _saved_with_new_defaults(saved: Path, prepared: Prepared) -> DictConfig:
+    """A run's config.yaml with the defaults of keys added to the job's Config since it was
+    written (e.g. optim.tract): a run started before a new option must still resume, and it
+    differs only if the new key is set to something else than its default."""
+    old = OmegaConf.load(saved)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(prepared.job.Config), old)
+    except OmegaConfBaseException:  # a key since removed from the Config: compare as saved (it differs)
+        return old
 
 
 def continuation_notice(prepared: Prepared) -> str:

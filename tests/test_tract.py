@@ -9,12 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from scaleyard.jobs.classify.job import Classify
 from scaleyard.platform.config import ConfigError
 from scaleyard.platform.distributed import DistEnv
-from scaleyard.platform.launch import prepare, write_config
+from scaleyard.platform.launch import check_run_dir, prepare, write_config
 from scaleyard.platform.tract import attach_tract
 from scaleyard.platform.trainer import Trainer
 
@@ -112,3 +113,18 @@ def test_classify_with_tract_resumes_exactly_and_differs_from_plain(classify_arg
     plain = train(classify_args, tmp_path / "plain", "optim.tract=false", "train.steps=2")
     partial = train(classify_args, tmp_path / "two", "train.steps=2")
     assert plain["weights_sha256"] != partial["weights_sha256"]  # the option really changes training
+
+
+def test_a_run_from_before_the_option_still_resumes(classify_args, tmp_path):
+    """config.yaml written before optim.tract existed: the new keys at their defaults are no change."""
+    run_dir = tmp_path / "old"
+    prepared = prepare("classify", [*classify_args, f"run.dir={run_dir}"], preset="tiny")
+    write_config(prepared)
+    (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000004" / "meta.json").write_text("{}")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    del saved.optim["tract"], saved.optim["tract_lambda"]
+    OmegaConf.save(saved, run_dir / "config.yaml")
+    assert check_run_dir(prepare("classify", [*classify_args, f"run.dir={run_dir}"], preset="tiny")) == "resume"
+    with pytest.raises(ConfigError, match="different config.*optim.tract"):
+        check_run_dir(prepare("classify", [*classify_args, f"run.dir={run_dir}", "optim.tract=true"], preset="tiny"))

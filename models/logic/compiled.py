@@ -137,18 +137,18 @@ def write_c_source(net: LogicNet, out: Path) -> Path:
 def _pack_code(in_channels: int, thresholds: int, side: int) -> str:
     padded = side + 2
     return f"""    memset(in0, 0, sizeof in0);
-    for (int s = 0; s < count; ++s) {{
-        const uint8_t *img = images + (int64_t)s * {in_channels * side * side};
-        uint64_t bit = 1ULL << s;
-        for (int c = 0; c < {in_channels}; ++c)
-            for (int y = 0; y < {side}; ++y)
-                for (int x = 0; x < {side}; ++x) {{
-                    int p = img[(c * {side} + y) * {side} + x];
-                    for (int t = 0; t < {thresholds}; ++t)
-                        if (p >= CUTOFF[t])
-                            in0[((c * {thresholds} + t) * {padded} + y + 1) * {padded} + x + 1] |= bit;
+    /* pixel by pixel, the 64 images' bits of each threshold gathered into one word, branch-free */
+    for (int c = 0; c < {in_channels}; ++c)
+        for (int y = 0; y < {side}; ++y)
+            for (int x = 0; x < {side}; ++x) {{
+                const uint8_t *pix = images + (c * {side} + y) * {side} + x;
+                for (int t = 0; t < {thresholds}; ++t) {{
+                    uint64_t word = 0;
+                    for (int s = 0; s < count; ++s)
+                        word |= (uint64_t)(pix[(int64_t)s * {in_channels * side * side}] >= CUTOFF[t]) << s;
+                    in0[((c * {thresholds} + t) * {padded} + y + 1) * {padded} + x + 1] = word;
                 }}
-    }}"""
+            }}"""
 
 
 def _conv_code(conv: LogicConv2d, layer: int, src: str, side: int) -> list[str]:
