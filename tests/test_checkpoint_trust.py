@@ -110,6 +110,7 @@ def test_digests_are_recorded_for_every_file(tmp_path):
     assert "train_state.pt has" in verify(folder)[0]
 
 
+@pytest.mark.slow
 def test_tampered_deepspeed_file_never_reaches_deepspeed(fmnist, tmp_path, no_marker):
     """DeepSpeed loads its own files with weights_only=False: a tampered optimizer file in the
     newest checkpoint would run code on resume. The scan refuses it first; 2 ranks agree to fall

@@ -47,7 +47,8 @@ def ddp_reference(fmnist, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-3 (the stage that partitions everything) in the default tier; 1 and 2 in the slow tier
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_stage_matches_ddp_resumes_exactly_and_exports(fmnist, tmp_path, ddp_reference, stage):
     engine = ["engine.name=deepspeed", f"engine.zero_stage={stage}"]
     reference = tmp_path / "reference"
@@ -82,6 +83,7 @@ def test_zero_stage_matches_ddp_resumes_exactly_and_exports(fmnist, tmp_path, dd
     assert again.returncode == 2 and "never overwrite" in again.stderr
 
 
+@pytest.mark.slow
 def test_zero3_offload_and_bf16_train(fmnist, tmp_path, ddp_reference):
     offload = tmp_path / "offload"
     done = scaleyard(*t2i_args(fmnist, offload, "engine.name=deepspeed", "engine.zero_stage=3",
