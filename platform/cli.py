@@ -145,6 +145,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.path} does not exist: give a run folder or a folder of runs")
     rows = annotate([run_status(d) for d in run_dirs(Path(args.path))])
     print(json.dumps(rows, indent=1) if args.json else format_table(rows), file=args.result)
+    if not args.json:
+        from scaleyard.platform.sweep_mobo_report import status_lines
+
+        for line in status_lines(Path(args.path)):  # a mobo sweep: rounds, hypervolume, Pareto front
+            print(line, file=args.result)
     return 0
 
 
@@ -219,6 +224,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.spec == "report" and not Path("report").exists():  # `scaleyard sweep report SWEEP`
+        from scaleyard.platform.sweep_mobo_report import write_report
+
+        if len(args.overrides) != 1:
+            raise ConfigError("usage: scaleyard sweep report SWEEP_FOLDER (a strategy: mobo sweep)")
+        report = write_report(Path(args.overrides[0]), Path(args.dir) if args.dir else None)
+        print(f"{report['runs']} runs, front {report['front']}, hypervolume {report['hypervolume']}; wrote "
+              f"{report['out']}/pareto.png, pareto.md, pareto.csv")
+        print((Path(report["out"]) / "pareto.md").read_text())
+        return 0
     from scaleyard.platform.sweep import SPEC_FILE, SweepProgress, annotate, launch, resolve_target
     from scaleyard.slurm.launch import SubmititLauncher
     from scaleyard.slurm.monitor import format_table, run_dirs, run_status
@@ -392,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
     sweep = sub.add_parser("sweep", help="launch (or resume) a sweep as one job array: from a YAML spec, or "
                                           "Hydra-style from the command line (JOB optim.lr=1e-3,3e-3 ...)")
-    sweep.add_argument("spec", help="a sweep spec (.yaml), or a job name followed by overrides")
+    sweep.add_argument("spec", help="a sweep spec (.yaml), or a job name followed by overrides; `sweep report "
+                                    "SWEEP` writes a mobo sweep's Pareto plot and table (to SWEEP/report or --dir)")
     sweep.add_argument("overrides", nargs="*", help="with a job: KEY=A,B,... is an axis, KEY=VALUE part of the base")
     sweep.add_argument("--preset", default=None, help="with a job: its preset (default: 'default')")
     sweep.add_argument("--concurrency", type=int, default=None, help="with a job: runs at a time (default 4)")

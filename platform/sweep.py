@@ -117,7 +117,12 @@ def _same_spec(recorded: dict[str, Any], spec: SweepSpec) -> bool:
 def launch(spec: SweepSpec, sweep_dir: Path, launcher: Launcher,
            on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
     """Check every run, record the sweep, and hand the runs that are neither finished nor queued to
-    the launcher as one array."""
+    the launcher as one array. A `strategy: mobo` sweep proposes its runs round by round and returns
+    when its budget is spent (platform/sweep_mobo.py)."""
+    if spec.strategy == "mobo":
+        from scaleyard.platform.sweep_mobo import launch_mobo
+
+        return launch_mobo(spec, sweep_dir, launcher, on_wait)
     from scaleyard.platform.launch import check_run_dir, write_config
 
     manifest_file = sweep_dir / MANIFEST
@@ -177,6 +182,14 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row.update(metric=metric, metric_value=metric_of(Path(row["run"]), metric))
     for folder, manifest in manifests.items():
         if manifest is None:
+            continue
+        if manifest["spec"].get("strategy") == "mobo":  # a mobo sweep's best runs: its Pareto front
+            from scaleyard.platform.sweep_mobo_report import rows as mobo_rows
+
+            front = {r["name"] for r in mobo_rows(folder, manifest) if r["pareto"]}
+            for row in rows:
+                if Path(row["run"]).parent == folder and Path(row["run"]).name in front:
+                    row["best"] = True
             continue
         metric = manifest["spec"].get("metric") or "final_loss"
         sign = -1 if manifest["spec"].get("direction", "min") == "max" else 1

@@ -13,6 +13,8 @@ Spec (YAML):
     concurrency: 2
     metric: eval.loss          # optional: what `status` shows and ranks by (default: final_loss)
     direction: min             # or max
+    strategy: mobo             # ... or runs proposed round by round by multi-objective BO: a
+    mobo: {...}                #     'mobo' section instead of grid/isoflop (platform/mobo_spec.py)
 
 Command line (multirun): `scaleyard sweep JOB optim.lr=1e-3,3e-3 model.width=32,64 train.steps=100`:
 overrides with commas become grid axes, the others the base.
@@ -64,6 +66,8 @@ class SweepSpec:
     concurrency: int = 4
     metric: str | None = None
     direction: str = "min"
+    strategy: str | None = None  # None: grid or isoflop, by the section given; "mobo"
+    mobo: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> SweepSpec:
@@ -107,7 +111,9 @@ class SweepSpec:
         return cls.from_dict(body, "sweep")
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        # strategy and mobo only when used: specs and manifests of grids read as before they existed
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("strategy", "mobo") or getattr(self, f.name)}
 
     def dump(self) -> str:
         return yaml.dump(self.as_dict(), Dumper=SpecDumper, sort_keys=False)
@@ -162,8 +168,24 @@ def _checked(body: Any, where: str) -> dict[str, Any]:
     out["base"] = _base(out.get("base") or [], where)
     out["grid"] = _grid(out.get("grid") or {}, where)
     out["isoflop"] = _isoflop(out.get("isoflop") or {}, where)
-    if not out["grid"] and not out["isoflop"]:
-        raise ConfigError(f"{where} has no axes: give 'grid' (override -> values) or 'isoflop' (key, values, budgets)")
+    if out.get("strategy") not in (None, "mobo"):
+        raise ConfigError(f"{where}: 'strategy' {out['strategy']!r}: the only strategy is mobo (grids and IsoFLOP "
+                          "ladders are given by their sections, 'grid' or 'isoflop')")
+    if out.get("mobo") and out.get("strategy") != "mobo":
+        raise ConfigError(f"{where} has a 'mobo' section: add 'strategy: mobo' to use it")
+    if out.get("strategy") == "mobo":
+        if out["grid"] or out["isoflop"]:
+            raise ConfigError(f"{where}: strategy mobo proposes its own runs; remove 'grid'/'isoflop' (ranges go in "
+                              "mobo.space)")
+        from scaleyard.platform.mobo_spec import check
+
+        out["mobo"] = check(out.get("mobo"), where)
+        clash = sorted(set(out["mobo"]["space"]) & {o.partition("=")[0].strip() for o in out["base"]})
+        if clash:
+            raise ConfigError(f"{where}: {clash} are both in 'base' and in mobo.space; remove them from 'base'")
+    elif not out["grid"] and not out["isoflop"]:
+        raise ConfigError(f"{where} has no axes: give 'grid' (override -> values), 'isoflop' (key, values, budgets) "
+                          "or 'strategy: mobo' with a 'mobo' section")
     if out["grid"] and out["isoflop"]:
         raise ConfigError(f"{where}: give 'grid' or 'isoflop', not both")
     concurrency = out.get("concurrency", 4)
