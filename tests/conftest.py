@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -16,6 +18,18 @@ def scaleyard(*args: str, env: dict | None = None, timeout: float = 300, **kw) -
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "scaleyard.platform.cli", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, **kw)
+
+
+def scaleyard_in_process(*args: str) -> tuple[int, str]:
+    """The CLI's own entry point in this process: (exit code, stderr). For refusals that happen
+    before anything starts, it saves the Python start-up and imports (seconds) that `scaleyard`
+    pays per call; one case of each kind still goes through a real subprocess."""
+    from scaleyard.platform.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return code, err.getvalue()
 
 
 @pytest.fixture(scope="session")

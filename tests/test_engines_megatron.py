@@ -21,7 +21,7 @@ from scaleyard.platform.checkpoint import weights_sha256
 from scaleyard.platform.config import ConfigError, resolve
 from scaleyard.platform.engines.tensor_parallel import parse_plan
 
-from conftest import REPO, scaleyard
+from conftest import REPO, scaleyard, scaleyard_in_process
 
 pytest.importorskip("megatron.core")
 
@@ -91,6 +91,7 @@ def test_tp2_training_follows_single_process_resumes_exactly_and_exports(fmnist,
     TextToImage(*model_configs(cfg)).load_state_dict(weights)
 
 
+@pytest.mark.slow  # TP2 x DP2 across two nodes runs in tests/test_multinode.py (slow) as well
 def test_tp2_by_dp2_on_four_ranks_matches_ddp(fmnist, tmp_path):
     """Two replicas of two tensor-parallel ranks: data (and noise) split over replicas only, so
     the curve is DDP's on two ranks."""
@@ -112,9 +113,9 @@ def test_tp2_by_dp2_on_four_ranks_matches_ddp(fmnist, tmp_path):
 ])
 def test_impossible_tensor_parallel_settings_refused(fmnist, tmp_path, extra, message):
     run_dir = tmp_path / "never"
-    done = scaleyard(*t2i_args(fmnist, run_dir, 2, "engine.name=megatron", *extra))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert message in done.stderr
+    code, stderr = scaleyard_in_process(*t2i_args(fmnist, run_dir, 2, "engine.name=megatron", *extra))
+    assert code == 2, stderr[-2000:]
+    assert message in stderr
     assert not run_dir.exists()
 
 
