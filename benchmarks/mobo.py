@@ -88,8 +88,9 @@ def summarize(runs: list[dict]) -> dict:
             finals = [r["hv"][-1] for r in rs]
             mean, se = _mean_se(finals)
             curve = [sum(r["hv"][i] for r in rs) / len(rs) for i in range(len(rs[0]["hv"]))]
+            proposals = max(sum(len(r["seconds"]) for r in rs), 1)
             row = {"final_hv_mean": mean, "final_hv_se": se, "seeds": len(rs),
-                   "seconds_per_proposal": sum(sum(r["seconds"]) for r in rs) / max(sum(len(r["seconds"]) for r in rs), 1),
+                   "seconds_per_proposal": sum(sum(r["seconds"]) for r in rs) / proposals,
                    "hv_curve_mean": curve, "initial": rs[0]["initial"]}
             if rs[0]["max_hv"]:
                 share = [f / rs[0]["max_hv"] for f in finals]
@@ -141,21 +142,40 @@ def main() -> None:
     parser.add_argument("--fantasies", type=int, default=Effort.fantasies)
     parser.add_argument("--jobs", type=int, default=1, help="processes (one run per process at a time)")
     parser.add_argument("--out", default="runs/bench/mobo")
+    parser.add_argument("--summarize", default=None, help="only summarize and plot the runs.jsonl of an earlier "
+                                                          "(or unfinished) benchmark into --out")
     args = parser.parse_args()
+    if args.summarize:
+        runs = [json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line.strip()]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        report(runs, {"summarized": args.summarize, "runs": len(runs)}, Path(args.out))
+        return
     effort = Effort(restarts=args.restarts, raw_samples=args.raw_samples, mc_samples=args.mc_samples,
                     maxiter=args.maxiter, fantasies=args.fantasies)
     work = [(p, m, s, args.iterations, args.horizon, effort) for s in range(args.seeds)
             for p in args.problems.split(",") for m in args.methods.split(",")]
     start = time.perf_counter()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(one_run, *zip(*work)))
-    else:
-        runs = [one_run(*w) for w in work]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "seconds": time.perf_counter() - start},
-              "results": summarize(runs)}
+    runs = []
+    with (out / "runs.jsonl").open("w") as log:  # each run as it ends: a long benchmark stopped early still tells
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs) as pool:
+                for run in pool.map(one_run, *zip(*work)):
+                    runs.append(run)
+                    log.write(json.dumps(run) + "\n")
+                    log.flush()
+        else:
+            for w in work:
+                runs.append(one_run(*w))
+                log.write(json.dumps(runs[-1]) + "\n")
+                log.flush()
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "summarize")}
+    report(runs, {**settings, "seconds": time.perf_counter() - start}, out)
+
+
+def report(runs: list[dict], settings: dict, out: Path) -> None:
+    result = {"settings": settings, "results": summarize(runs)}
     (out / "mobo.json").write_text(json.dumps({**result, "runs": runs}, indent=1))
     plot(runs, out / "hv.png")
     brief = {p: {m: {k: v for k, v in row.items() if k != "hv_curve_mean"} for m, row in ms.items()}

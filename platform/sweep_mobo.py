@@ -45,6 +45,7 @@ class MoboDriver:
         self.poll_s = poll_s or (1.0 if launcher.runs_here else 5.0)
         self.manifest: dict[str, Any] = {}
         self.submitted: list[str] = []
+        self._prepared: dict[str, Any] = {}  # run name -> Prepared, checked when proposed (prepare is slow)
 
     # --- the manifest --------------------------------------------------------------------------
     def _load(self) -> None:
@@ -78,7 +79,8 @@ class MoboDriver:
                        self.launcher.gpu_memory_gb, self.launcher.runs_here)
 
     def probe(self) -> None:
-        """The space's two corners make valid configs (unknown keys, wrong types fail here)."""
+        """The space's two corners make valid configs (unknown keys, wrong types fail here, before
+        anything is written)."""
         for corner in (0.0, 1.0):
             values = self.mobo.decode([corner] * len(self.mobo.space))
             self._prepare([*self.spec.base, *_overrides(values), f"run.dir={self.sweep_dir.absolute() / 'probe'}"])
@@ -86,8 +88,9 @@ class MoboDriver:
     # --- one pass ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self._load()
-        self.probe()
         skipped = [r["name"] for r in self.runs if r["state"] == DONE]
+        if not self.runs:
+            self.probe()
         self._save()
         while True:
             to_submit, waiting = self._settle()
@@ -157,7 +160,7 @@ class MoboDriver:
 
         requests, entries = [], [entry for entry, _ in todo]
         for entry, new_attempt in todo:
-            prepared = self._prepare(entry["overrides"])
+            prepared = self._prepared.pop(entry["name"], None) or self._prepare(entry["overrides"])
             write_config(prepared)
             requests.append(RunRequest(self.spec.job, prepared.preset, prepared.overrides, str(prepared.run_dir)))
             entry["attempts"] += int(new_attempt)  # (a submission the launcher never got is not an attempt)
@@ -224,7 +227,7 @@ class MoboDriver:
                      "overrides": overrides, "attempts": 0, "state": PROPOSED, "objectives": None,
                      "acquisition": acquisition}
             try:
-                self._prepare(overrides)
+                self._prepared[name] = self._prepare(overrides)
             except ConfigError as err:  # a combination the job refuses: a failed run the model learns from
                 entry.update(state=FAILED, reason=f"config: {err}")
             self.runs.append(entry)

@@ -172,7 +172,10 @@ def fitted():
     x = torch.quasirandom.SobolEngine(2, scramble=True, seed=3).draw(8, dtype=torch.double)
     y = toy(x)
     ref = torch.tensor([-1.1, -2.1], dtype=torch.double)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (module fixtures start before the autouse one_thread)
     model = A.fit_model(x, y)
+    torch.set_num_threads(threads)
     return x, y, ref, model, A.mean_front(model, x, ref)
 
 
@@ -308,12 +311,12 @@ def _drive(spec, sweep_dir, launcher):
 
 
 def test_rounds_raise_the_hypervolume_and_a_crash_resumes_to_the_same_proposals(tmp_path, classify_args):
-    spec = mobo_spec(classify_args, budget=6, effort=FAST)
+    spec = mobo_spec(classify_args, budget=4, effort=FAST)
     whole = ToyLauncher()
     result = _drive(spec, tmp_path / "whole", whole)
     manifest = json.loads((tmp_path / "whole" / "manifest.json").read_text())
-    assert result["rounds"] == 3 and result["runs"] == 6 and len(whole.started) == 6 == len(set(whole.started))
-    assert [r["name"] for r in manifest["runs"]] == ["r00-000", "r00-001", "r01-002", "r01-003", "r02-004", "r02-005"]
+    assert result["rounds"] == 2 and result["runs"] == 4 and len(whole.started) == 4 == len(set(whole.started))
+    assert [r["name"] for r in manifest["runs"]] == ["r00-000", "r00-001", "r01-002", "r01-003"]
     assert all(0.01 <= r["values"]["optim.lr"] <= 1 and isinstance(r["values"]["model.width"], int)
                and 1 <= r["values"]["model.width"] <= 8 for r in manifest["runs"])
     from scaleyard.platform.sweep_mobo_report import hypervolume
@@ -323,7 +326,7 @@ def test_rounds_raise_the_hypervolume_and_a_crash_resumes_to_the_same_proposals(
                if r["round"] <= rnd]
         return hypervolume(pts, manifest["ref_point"])
 
-    assert volume_after(0) < volume_after(1) <= volume_after(2) == pytest.approx(result["hypervolume"])
+    assert volume_after(0) < volume_after(1) == pytest.approx(result["hypervolume"])
 
     crashed = ToyLauncher(crash_on=2)  # killed while submitting round 1, after recording it
     with pytest.raises(KeyboardInterrupt):
