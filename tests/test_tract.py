@@ -4,6 +4,7 @@ untouched input and bias gradients, config errors that name the key, and exact r
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -18,6 +19,8 @@ from scaleyard.platform.distributed import DistEnv
 from scaleyard.platform.launch import check_run_dir, prepare, write_config
 from scaleyard.platform.tract import attach_tract
 from scaleyard.platform.trainer import Trainer
+
+from conftest import scaleyard
 
 
 def hand_tract(grad_out: np.ndarray, rows: np.ndarray, lam: float) -> np.ndarray:
@@ -128,3 +131,23 @@ def test_a_run_from_before_the_option_still_resumes(classify_args, tmp_path):
     assert check_run_dir(prepare("classify", [*classify_args, f"run.dir={run_dir}"], preset="tiny")) == "resume"
     with pytest.raises(ConfigError, match="different config.*optim.tract"):
         check_run_dir(prepare("classify", [*classify_args, f"run.dir={run_dir}", "optim.tract=true"], preset="tiny"))
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_train_with_tract_and_resume_exactly(classify_args, tmp_path):
+    """Under ddp each rank preconditions its own gradient before DDP averages it; the run
+    completes, differs from plain DDP, and a copy resumed from step 8 ends with the same weights."""
+    def run(run_dir, *extra):
+        done = scaleyard("run", "classify", "--preset", "tiny", "--nproc", "2", *classify_args,
+                         f"run.dir={run_dir}", *extra)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return json.loads((run_dir / "summary.json").read_text())
+
+    reference = run(tmp_path / "tract", "optim.tract=true")
+    plain = run(tmp_path / "plain")
+    assert reference["weights_sha256"] != plain["weights_sha256"]
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "tract", copy)
+    shutil.rmtree(copy / "checkpoints" / "step_00000012")
+    (copy / "summary.json").unlink()
+    assert run(copy, "optim.tract=true")["weights_sha256"] == reference["weights_sha256"]
