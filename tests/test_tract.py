@@ -151,3 +151,19 @@ def test_two_ddp_ranks_train_with_tract_and_resume_exactly(classify_args, tmp_pa
     shutil.rmtree(copy / "checkpoints" / "step_00000012")
     (copy / "summary.json").unlink()
     assert run(copy, "optim.tract=true")["weights_sha256"] == reference["weights_sha256"]
+
+
+def test_t2i_declares_its_patch_embedding_and_it_trains_with_tract():
+    from scaleyard.jobs.t2i.job import TextToImage, TextToImageJob, model_configs
+    from scaleyard.platform.config import resolve
+
+    job = TextToImageJob
+    cfg = resolve(job.Config, [job.presets_dir() / "tiny.yaml"], [])
+    denoiser, text = model_configs(cfg)
+    model = TextToImage(denoiser, text)
+    layer = attach_tract(model, job.first_layer(cfg), 0.1)
+    assert isinstance(layer, nn.Conv2d) and layer.stride == layer.kernel_size  # a ViT-style patch embedding
+    images = torch.randn(2, denoiser.channels, denoiser.image_size, denoiser.image_size)
+    loss = model(images, ["a", "b"], torch.rand(2), torch.randn_like(images), cfg.model.process)
+    loss.mean().backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0

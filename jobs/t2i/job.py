@@ -178,6 +178,12 @@ class TextToImageJob(Job):
         return evaluate(self, model, step)
 
     @staticmethod
+    def first_layer(cfg: DictConfig) -> str:
+        """The denoiser's patch embedding (a strided conv over the noisy image): optim.tract=true
+        trains it with TrAct."""
+        return "denoiser.patch_embed.proj"
+
+    @staticmethod
     def tp_plan(cfg: DictConfig) -> dict:
         """The denoiser's plan (models/diffusion_transformer.py); it splits the trainable text
         encoder's blocks too, so both head counts must divide engine.tp_size."""
