@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("scaleyard")
 STAGES_DIR = "stages"
 DONE_FILE = "stage.json"  # a finished data build: its builder and options
+BUILD_POLL_S = 2.0  # how often ranks other than 0 look for a finished data build
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,9 @@ def run_stages(stages: list[PreparedStage], env: DistEnv, backend: str = "auto")
         if item.prepared is None:
             if env.rank == 0:
                 _build(item)
+            else:  # a build can outlast the process group's timeout: wait on the file, not a collective
+                while not (item.folder / DONE_FILE).exists():
+                    time.sleep(BUILD_POLL_S)
             barrier()
             continue
         run_stages(item.prepared.stages, env, backend)
