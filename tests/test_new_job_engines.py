@@ -142,6 +142,7 @@ def check_learns(run_dir: Path) -> None:
     assert len(curve) == STEPS and curve[-1] < 0.85 * curve[0], curve
 
 
+@pytest.mark.slow  # CI budget: checkpointing of HF layers also runs under megatron in the default tier
 def test_llama_ddp_learns_and_checkpointing_recomputes_every_layer_with_identical_losses(runs):
     plain = runs("llama_probe", "ddp")
     check_learns(plain)
@@ -152,7 +153,8 @@ def test_llama_ddp_learns_and_checkpointing_recomputes_every_layer_with_identica
     assert summary(checkpointed)["weights_sha256"] == summary(plain)["weights_sha256"]
 
 
-@pytest.mark.parametrize("job", ["llama_probe", "reference_probe"])
+# CI budget: the DPO-shaped job (frozen reference partitioned) in the default tier, the Llama in the slow one
+@pytest.mark.parametrize("job", [pytest.param("llama_probe", marks=pytest.mark.slow), "reference_probe"])
 def test_zero3_with_checkpointing_follows_ddp(runs, job):
     ddp = runs(job, "ddp")
     check_learns(ddp)

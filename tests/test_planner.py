@@ -94,8 +94,14 @@ def _measure_step(cfg: DictConfig, batch: int) -> tuple[int, int, int]:
     return _allocator_peak(build, loss)
 
 
-@pytest.mark.parametrize("preset,batch", [("uvit-cpu-s", 32), ("dit_adaln-cpu-m", 8), ("dit_cross-cpu-m", 16)])
-@pytest.mark.parametrize("checkpointing", [False, True])
+SLOW = pytest.mark.slow  # CI budget: one model family with and one without checkpointing in the default tier
+
+
+@pytest.mark.parametrize("checkpointing,preset,batch", [
+    (False, "dit_cross-cpu-m", 16), (True, "uvit-cpu-s", 32),
+    pytest.param(False, "uvit-cpu-s", 32, marks=SLOW), pytest.param(False, "dit_adaln-cpu-m", 8, marks=SLOW),
+    pytest.param(True, "dit_adaln-cpu-m", 8, marks=SLOW), pytest.param(True, "dit_cross-cpu-m", 16, marks=SLOW),
+])
 def test_estimate_matches_cpu_measurement(preset: str, batch: int, checkpointing: bool) -> None:
     cfg = t2i_config(f"model.preset={preset}", f"train.batch_size={batch}", "train.precision=fp32",
                      "train.ema_decay=0", f"train.activation_checkpointing={checkpointing}")
