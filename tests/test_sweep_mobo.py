@@ -210,7 +210,9 @@ def test_with_horizon_one_the_lookahead_values_are_analytic_ehvi(fitted):
     import torch
 
     from scaleyard.platform import mobo_acquisition as A
+    from scaleyard.platform import mobo_spec
 
+    assert mobo_spec.ACQUISITIONS == A.ACQUISITIONS  # the spec checks them without importing torch
     x, y, ref, model, front = fitted
     X = torch.rand(6, 1, 2, dtype=torch.double, generator=torch.Generator().manual_seed(1))
     joint = A.JointLookahead(model, ref, front, A.Effort(), 0)
