@@ -3,8 +3,10 @@ evaluated points vs evaluations, for random, qLogNEHVI (myopic) and the non-myop
 and Nested (horizon H), one evaluation per iteration as in the paper, over several seeds. Every
 method of a seed starts from the same scrambled-Sobol design of 2(d+1) points.
 
-    python benchmarks/mobo.py                                  # modest: minutes on 2 cores
-    python benchmarks/mobo.py --seeds 5 --iterations 20 --jobs 2 --out runs/bench/mobo
+    python benchmarks/mobo.py                      # modest: 2 seeds x 5 evaluations, minutes on 2 cores
+    python benchmarks/mobo.py --seeds 3 --iterations 8 --out runs/bench/mobo       # the README's numbers
+    python benchmarks/mobo.py --seeds 3 --first-seed 3 --iterations 8 --out runs/bench/mobo-b
+    python benchmarks/mobo.py --summarize <(cat runs/bench/mobo/runs.jsonl runs/bench/mobo-b/runs.jsonl) --out D
 
 Prints JSON (per problem and method: mean and standard error over seeds of the final hypervolume,
 and of its share of the problem's best known hypervolume where BoTorch gives one; seconds per
@@ -133,14 +135,15 @@ def main() -> None:
     parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated: " + ", ".join(PROBLEMS))
     parser.add_argument("--methods", default=",".join(ACQUISITIONS))
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=6, help="evaluations after the initial design")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--iterations", type=int, default=5, help="evaluations after the initial design")
     parser.add_argument("--horizon", type=int, default=2)
-    parser.add_argument("--restarts", type=int, default=Effort.restarts)
-    parser.add_argument("--raw-samples", type=int, default=64)
+    parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--raw-samples", type=int, default=32)
     parser.add_argument("--mc-samples", type=int, default=Effort.mc_samples)
-    parser.add_argument("--maxiter", type=int, default=30)
+    parser.add_argument("--maxiter", type=int, default=20)
     parser.add_argument("--fantasies", type=int, default=Effort.fantasies)
-    parser.add_argument("--jobs", type=int, default=1, help="processes (one run per process at a time)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes (one run per process at a time)")
     parser.add_argument("--out", default="runs/bench/mobo")
     parser.add_argument("--summarize", default=None, help="only summarize and plot the runs.jsonl of an earlier "
                                                           "(or unfinished) benchmark into --out")
@@ -152,7 +155,8 @@ def main() -> None:
         return
     effort = Effort(restarts=args.restarts, raw_samples=args.raw_samples, mc_samples=args.mc_samples,
                     maxiter=args.maxiter, fantasies=args.fantasies)
-    work = [(p, m, s, args.iterations, args.horizon, effort) for s in range(args.seeds)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    work = [(p, m, s, args.iterations, args.horizon, effort) for s in seeds
             for p in args.problems.split(",") for m in args.methods.split(",")]
     start = time.perf_counter()
     out = Path(args.out)
