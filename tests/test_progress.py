@@ -11,6 +11,8 @@ import subprocess
 import sys
 import termios
 
+import pytest
+
 from conftest import scaleyard
 
 
@@ -43,6 +45,7 @@ def test_data_build_draws_a_bar_only_on_a_terminal(tmp_path):
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
 
 
+@pytest.mark.slow  # CI budget: the data-build bar shows the same terminal check
 def test_export_draws_a_bar_only_on_a_terminal(tmp_path, classify_args):
     run_dir = tmp_path / "run"
     done = scaleyard("run", "classify", "--preset", "tiny", *classify_args, "train.steps=4", f"run.dir={run_dir}")

@@ -41,7 +41,7 @@ def kill_while_writing(command, checkpoints, step):
     process.wait()
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), 2])  # CI budget: 2 ranks by default
 def test_sigkill_during_checkpoint_then_resume_is_exact(tmp_path, classify_args, nproc):
     reference = tmp_path / "reference"
     done = scaleyard(*run_args(classify_args, reference, nproc))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -61,6 +62,7 @@ def test_restart_before_the_first_checkpoint_leaves_no_duplicate_steps(tmp_path,
     assert steps == list(range(1, 21))
 
 
+@pytest.mark.slow  # CI budget
 def test_a_finished_run_continues_to_more_steps(tmp_path, classify_args):
     constant = ["optim.schedule=constant", "train.ckpt_every=0"]
     straight = run(classify_args, tmp_path / "straight", "train.steps=16", *constant)
