@@ -4,6 +4,7 @@ weights hash to summary.json's `weights_sha256` and load strictly into the job's
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -48,6 +49,7 @@ def check_export(run_dir):
     return summary
 
 
+@pytest.mark.slow  # CI budget: ZeRO-3 and TP=2 exports are checked in the default tier (engine tests)
 def test_ddp_export_matches_summary_and_loads(fmnist, tmp_path, classify_args):
     run_dir = classify_run(classify_args, tmp_path / "ddp", "--nproc", "2", "train.ckpt_every=0")
     summary = check_export(run_dir)

@@ -48,7 +48,8 @@ def stop_mid_run(command, run_dir, signum, timeout=180):
     return process.returncode, output
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],  # CI budget
+                         ids=["USR1", "TERM"])
 def test_signal_checkpoints_exits_3_and_resumes_exactly(tmp_path, classify_args, signum):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "scaleyard.platform.cli", *run_args(classify_args, run_dir, 100_000)]
