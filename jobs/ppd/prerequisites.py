@@ -94,9 +94,11 @@ def build_prerequisites(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict[s
                        "samples": s.samples, "pool": s.pool, "steps": s.steps, "guidance": s.guidance}
             _cli(["data", "build", "ppd_pairs", "--out", pairs, "--overwrite", "--shard-size", "500",
                   *(f"--option={k}={v}" for k, v in options.items())], logs / "pairs.log")
+    # seconds spent building, summed over launches (a resumed or repeated launch adds only its own)
+    before = json.loads(marker.read_text()).get("seconds", 0.0) if marker.exists() else 0.0
     found = {"base_run": base, "reader_run": reader,
              "train": cfg.data.path or f"{pairs}/train", "heldout": cfg.data.eval_path or f"{pairs}/heldout",
-             "seconds": round(time.time() - started, 1)}
+             "seconds": round(before + time.time() - started, 1)}
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(found, indent=2))
     return found
