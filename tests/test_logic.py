@@ -91,6 +91,20 @@ def test_residual_init_puts_090_on_pass_through_and_the_layer_starts_as_wires():
     assert sorted(set(layer.idx_a.tolist()) | set(layer.idx_b.tolist())) == list(range(20))  # every input wired
 
 
+def test_straight_through_trains_the_discretised_network():
+    torch.manual_seed(0)
+    net = LogicNet(LogicNetConfig(conv_channels=(3,), tree_depth=2, thresholds=2, fc=(60, 40), tau=2.0,
+                                  residual_init=False, straight_through=True)).train()
+    images = torch.rand(5, 1, 28, 28)
+    out = net(images)
+    with torch.no_grad(), discretised(net):
+        assert torch.equal(out.detach(), net(images))  # the forward is the Boolean circuit's
+    out.sum().backward()
+    assert all(m.logits.grad.abs().sum() > 0 for m in net.modules() if hasattr(m, "logits"))
+    net.eval()  # evaluation's relaxed metric stays the softmax mixture
+    assert not torch.equal(net(images), out.detach())
+
+
 def test_tree_conv_shape_receptive_field_and_translation_equivariance():
     torch.manual_seed(0)
     conv = LogicConv2d(2, 5, depth=3, generator=torch.Generator().manual_seed(0), residual_init=False)

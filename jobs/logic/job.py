@@ -44,6 +44,8 @@ class ModelConfig:
     fc: list[int] = field(default_factory=lambda: [8000, 8000])  # logic layers; the last splits into classes
     tau: float = bounded(10.0, 1e-6)  # GroupSum temperature
     residual_init: bool = True  # ~0.9 of each gate's initial mass on the pass-through gate
+    # train the discretised network: argmax gates forward, the softmax mixture's gradient backward
+    straight_through: bool = False
     connection_seed: int = 0  # the fixed random wiring
 
 
@@ -67,7 +69,7 @@ def model_config(cfg: DictConfig, in_channels: int = 1, image_size: int = 28, cl
     return LogicNetConfig(in_channels=in_channels, image_size=image_size, num_classes=classes,
                           thresholds=m.thresholds, conv_channels=tuple(m.conv_channels), tree_depth=m.tree_depth,
                           fc=tuple(m.fc), tau=m.tau, residual_init=m.residual_init,
-                          connection_seed=m.connection_seed)
+                          connection_seed=m.connection_seed, straight_through=m.straight_through)
 
 
 def check_model(cfg: DictConfig, in_channels: int = 1, image_size: int = 28, classes: int = 10) -> None:

@@ -42,6 +42,7 @@ class LogicConv2d(nn.Module):
         # the tree's gates, level by level (2^(d-1) leaf gates first, the root last)
         self.logits = nn.Parameter(init_gate_logits((channels, 2**depth - 1), residual_init))
         self.discrete = False
+        self.straight_through = False
 
     def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """[B, channels, 2^depth, positions]: each kernel's leaves at every output position."""
@@ -63,7 +64,7 @@ class LogicConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nodes, ho, wo = self._gather(x)
-        coeffs = mixed_coefficients(self.logits, self.discrete)  # [channels, 2^d - 1, 4]
+        coeffs = mixed_coefficients(self.logits, self.discrete, self.straight_through and self.training)
         start = 0
         for level in range(self.depth):
             width = 2 ** (self.depth - 1 - level)

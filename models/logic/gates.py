@@ -61,12 +61,18 @@ def init_gate_logits(shape: tuple[int, ...], residual: bool, pass_through_mass: 
     return logits
 
 
-def mixed_coefficients(logits: torch.Tensor, discrete: bool) -> torch.Tensor:
-    """[..., 4] coefficients of each neuron: softmax mixture (relaxed) or the argmax gate's row."""
+def mixed_coefficients(logits: torch.Tensor, discrete: bool, straight_through: bool = False) -> torch.Tensor:
+    """[..., 4] coefficients of each neuron: softmax mixture (relaxed) or the argmax gate's row.
+    `straight_through`: the argmax gate's value with the mixture's gradient, so training sees
+    the discretised network (the relaxed one can rely on the small mass off each argmax, summed
+    over a class's many neurons, which discretising removes)."""
     table = gate_coefficients(logits.dtype, logits.device)
     if discrete:
         return table[logits.argmax(-1)]
-    return torch.softmax(logits, dim=-1) @ table
+    soft = torch.softmax(logits, dim=-1) @ table
+    if straight_through:
+        return table[logits.argmax(-1)] + (soft - soft.detach())
+    return soft
 
 
 def apply_gates(a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -104,11 +110,12 @@ class LogicLayer(nn.Module):
         self.register_buffer("idx_b", b)
         self.logits = nn.Parameter(init_gate_logits((out_dim,), residual_init))
         self.discrete = False
+        self.straight_through = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"LogicLayer expects {self.in_dim} inputs per sample, got shape {tuple(x.shape)}")
-        coeffs = mixed_coefficients(self.logits, self.discrete)
+        coeffs = mixed_coefficients(self.logits, self.discrete, self.straight_through and self.training)
         return apply_gates(x[..., self.idx_a], x[..., self.idx_b], coeffs)
 
     def gates(self) -> torch.Tensor:

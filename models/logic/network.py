@@ -31,6 +31,7 @@ class LogicNetConfig:
     tau: float = 10.0
     residual_init: bool = True
     connection_seed: int = 0  # the fixed random wiring (leaves and gate inputs)
+    straight_through: bool = False  # training: argmax gates forward, the mixture's gradient backward
 
 
 class LogicNet(nn.Module):
@@ -57,6 +58,8 @@ class LogicNet(nn.Module):
             width = out
         self.layers = nn.Sequential(*layers)
         self.group_sum = GroupSum(cfg.num_classes, cfg.tau)
+        for module in logic_modules(self):
+            module.straight_through = cfg.straight_through
         self.feature_shape = (channels, side, side)  # what the first logic layer reads, flattened
 
     def binarize(self, images: torch.Tensor) -> torch.Tensor:
