@@ -34,6 +34,7 @@ from scaleyard.models.logic.network import LogicNet
 C_GATES = ("0ULL", "(A & B)", "(A & ~B)", "A", "(~A & B)", "B", "(A ^ B)", "(A | B)", "~(A | B)", "~(A ^ B)",
            "~B", "(A | ~B)", "~A", "(~A | B)", "~(A & B)", "~0ULL")
 CFLAGS = ("-O2", "-std=c99", "-shared", "-fPIC")
+FC_CHUNK = 256  # logic-layer neurons per generated C function
 
 
 class CompileError(RuntimeError):
@@ -97,15 +98,16 @@ def write_c_source(net: LogicNet, out: Path) -> Path:
     emit("#include <stdint.h>\n#include <string.h>\n#include <stdio.h>\n#include <stdlib.h>")
     emit(_runtime(cfg.num_classes))
     buffers = [f"in0[{channels * (side + 2) ** 2}]"]
-    body: list[str] = []
+    # each step its own function (a conv + pool, or FC_CHUNK neurons): gcc's optimiser is
+    # superlinear in function size, and one function of 16k statements takes minutes to compile
+    steps: list[list[str]] = []
     src, src_channels, src_side = "in0", channels, side
     convs = [m for m in net.convs if isinstance(m, LogicConv2d)]
     for layer, conv in enumerate(convs):
-        body += _conv_code(conv, layer, src, src_side)
         pooled_side = src_side // 2
         buffers += [f"raw{layer}[{conv.channels * src_side * src_side}]",
                     f"pool{layer}[{conv.channels * (pooled_side + 2) ** 2}]"]
-        body += _pool_code(layer, conv.channels, src_side)
+        steps.append(_conv_code(conv, layer, src, src_side) + _pool_code(layer, conv.channels, src_side))
         src, src_channels, src_side = f"pool{layer}", conv.channels, pooled_side
     # the first logic layer reads the flattened [channels, side, side] map, stored with a border
     padded = src_side + 2
@@ -116,16 +118,22 @@ def write_c_source(net: LogicNet, out: Path) -> Path:
         dst = f"fc{number}"
         buffers.append(f"{dst}[{layer_module.out_dim}]")
         a, b, g = layer_module.idx_a.tolist(), layer_module.idx_b.tolist(), layer_module.gates().tolist()
-        body.append(f"    /* logic layer {number}: {layer_module.in_dim} -> {layer_module.out_dim} */")
-        for j in range(layer_module.out_dim):
-            body.append(f"    {dst}[{j}] = {gate_expr(g[j], f'{src}[{where[a[j]]}]', f'{src}[{where[b[j]]}]')};")
+        for first in range(0, layer_module.out_dim, FC_CHUNK):
+            steps.append([f"    /* logic layer {number}: {layer_module.in_dim} -> {layer_module.out_dim}, "
+                          f"neurons {first}.. */"] +
+                         [f"    {dst}[{j}] = {gate_expr(g[j], f'{src}[{where[a[j]]}]', f'{src}[{where[b[j]]}]')};"
+                          for j in range(first, min(first + FC_CHUNK, layer_module.out_dim))])
         src, where = dst, list(range(layer_module.out_dim))
     group = net.layers[-1].out_dim // cfg.num_classes
     emit(f"static const int CUTOFF[{len(cutoffs)}] = {{{', '.join(map(str, cutoffs))}}};")
+    emit("\n".join(f"static uint64_t {b};" for b in buffers))
+    for number, step in enumerate(steps):
+        emit(f"static void step{number}(void) {{")
+        lines.extend(step)
+        emit("}")
     emit("static void block64(const uint8_t *images, int count, int32_t cnt[CLASSES][64]) {")
-    emit("    " + " ".join(f"static uint64_t {b};" for b in buffers))
     emit(_pack_code(cfg.in_channels, cfg.thresholds, side))
-    lines += body
+    emit("    " + " ".join(f"step{number}();" for number in range(len(steps))))
     emit(f"    for (int k = 0; k < CLASSES; ++k) count_group({src} + k * {group}, {group}, cnt[k]);")
     emit("}")
     emit(_entry_code(cfg.in_channels * side * side))
