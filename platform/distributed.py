@@ -40,10 +40,11 @@ def env_from_os(environ: dict[str, str] | None = None) -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), node)
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rendezvous = slurm_rendezvous(env)
+        pinned = "MASTER_ADDR" in env and "MASTER_PORT" in env  # a profile's setup lines chose them
+        rendezvous = {} if pinned else slurm_rendezvous(env)
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR", rendezvous["MASTER_ADDR"]),
-                       int(env.get("MASTER_PORT", rendezvous["MASTER_PORT"])), node)
+                       env.get("MASTER_ADDR") or rendezvous["MASTER_ADDR"],
+                       int(env.get("MASTER_PORT") or rendezvous["MASTER_PORT"]), node)
     return DistEnv(node=node)
 
 

@@ -167,16 +167,25 @@ def test_too_many_unreadable_samples_stop_the_run(tmp_path, fmnist, classify_arg
     assert events.Scalars("data/skipped_samples")[-1].value > 0
 
 
-def test_distributed_env_from_torchrun_and_slurm():
+def test_distributed_env_from_torchrun_and_slurm(monkeypatch):
+    from scaleyard.platform import distributed
     from scaleyard.platform.distributed import env_from_os
 
     torchrun = env_from_os({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
                             "MASTER_PORT": "1234"})
     assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr) == (3, 8, 1, "n1")
-    slurm = env_from_os({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
-                         "SLURM_JOB_NODELIST": "gpu[003-010,12],cpu1"})
-    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == (5, 16, 1, "gpu003")
-    assert slurm.master_port == 20077
+    tasks = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
+             "SLURM_JOB_NODELIST": "gpu[003-010,12],cpu1"}
+    # the first node of the allocation; here it does not resolve, so the address SLURM records for it
+    looked_up = []
+    monkeypatch.setattr(distributed.socket, "getaddrinfo", lambda host, port: (_ for _ in ()).throw(OSError(host)))
+    monkeypatch.setattr(distributed, "scontrol_node_addr", lambda node: looked_up.append(node) or "10.0.0.3")
+    slurm = env_from_os(tasks)
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == (5, 16, 1, "10.0.0.3")
+    assert slurm.master_port == 20077 and looked_up == ["gpu003"]
+    # a profile that pins the rendezvous: nothing is looked up
+    pinned = env_from_os({**tasks, "MASTER_ADDR": "head", "MASTER_PORT": "4000"})
+    assert (pinned.master_addr, pinned.master_port) == ("head", 4000) and looked_up == ["gpu003"]
     assert not env_from_os({}).distributed
 
 
