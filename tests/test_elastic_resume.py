@@ -195,6 +195,7 @@ def megatron_moments(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
     return consolidated_optimizer_state(sorted((checkpoint / "megatron").glob("tp_rank*.pt")))
 
 
+@pytest.mark.slow  # CI budget: ZeRO-3 2 -> 1 stays in the default tier
 def test_megatron_tp2_run_resumes_at_tp1(fmnist, tmp_path):
     pytest.importorskip("megatron.core")
     run_dir = tmp_path / "run"

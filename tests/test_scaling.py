@@ -30,6 +30,7 @@ def synthetic_sweep(noise: float = 0.002, seed: int = 0) -> Runs:
     return Runs(params, tokens, compute, loss)
 
 
+@pytest.mark.slow  # CI budget: the fit on Chinchilla's runs stays in the default tier
 def test_parametric_fit_recovers_known_parameters():
     fit = fit_chinchilla(synthetic_sweep(), bootstrap=20)
     for key in ("E", "alpha", "beta"):

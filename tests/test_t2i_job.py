@@ -110,6 +110,7 @@ def test_frozen_minilm_text_encoder(tmp_path, fmnist):
     assert state["ema"].keys() == state["model"].keys()
 
 
+@pytest.mark.slow  # CI budget: PPD's tiny path trains a t2i base on shapes in the default tier
 def test_t2i_on_shapes_with_its_own_geometry(tmp_path):
     from scaleyard.data_loaders.builders import build
 

@@ -112,6 +112,7 @@ def test_baselines_refuse_values_outside_the_schema(adult):
         IndependentMarginals().fit(train, adult["columns"])
 
 
+@pytest.mark.slow  # CI budget
 def test_gaussian_copula_beats_independent_marginals_on_adult(adult):
     train, columns, target = adult["train"], adult["columns"], adult["target"]
     independent = IndependentMarginals().fit(train, columns).sample(ROWS, seed=0)
