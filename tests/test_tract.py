@@ -150,6 +150,9 @@ def test_two_ddp_ranks_train_with_tract_and_resume_exactly(classify_args, tmp_pa
     shutil.copytree(tmp_path / "tract", copy)
     shutil.rmtree(copy / "checkpoints" / "step_00000012")
     (copy / "summary.json").unlink()
+    saved = OmegaConf.load(copy / "config.yaml")
+    saved.run.dir = str(copy)  # the copy is its own run folder
+    OmegaConf.save(saved, copy / "config.yaml")
     assert run(copy, "optim.tract=true")["weights_sha256"] == reference["weights_sha256"]
 
 
