@@ -142,7 +142,7 @@ def check_learns(run_dir: Path) -> None:
     assert len(curve) == STEPS and curve[-1] < 0.85 * curve[0], curve
 
 
-@pytest.mark.slow  # CI budget: checkpointing of HF layers also runs under megatron in the default tier
+@pytest.mark.slow  # CI budget: the name rule for HF `layers` is checked in test_activation_checkpointing.py
 def test_llama_ddp_learns_and_checkpointing_recomputes_every_layer_with_identical_losses(runs):
     plain = runs("llama_probe", "ddp")
     check_learns(plain)
@@ -186,6 +186,7 @@ def test_zero3_llama_resumes_exactly_after_sigkill(runs, installed, tmp_path, mo
     assert summary(interrupted)["final_loss"] == summary(reference)["final_loss"]
 
 
+@pytest.mark.slow  # CI budget: TP=2 training and checkpointing under megatron stay in other files
 def test_megatron_tp2_splits_the_llama_by_its_plan_and_follows_ddp(runs, installed, tmp_path):
     run_dir = runs("llama_probe", "tp2_ckpt")
     ddp = runs("llama_probe", "ddp")

@@ -159,6 +159,7 @@ def test_report_lists_every_metric_and_method(scored, tmp_path):
     assert saved["context"] == context
 
 
+@pytest.mark.slow  # CI budget: the TabDiff run in test_tabdiff.py writes the same report with both baselines
 def test_baseline_report_command_end_to_end(adult, tmp_path, capsys):
     assert main(["--data", str(adult["path"]), "--out", str(tmp_path), "--rows", "1000"]) == 0
     text = (tmp_path / "report.md").read_text()
