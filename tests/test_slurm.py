@@ -44,6 +44,9 @@ def classify(fmnist, run_dir, steps):
             "train.ckpt_every=250", "train.log_every=50", "data.shuffle_block=64", f"run.dir={run_dir}"]
 
 
+# slow: at least three 1-minute SLURM attempts plus requeue delays (4-5 minutes on 2 quiet cores);
+# the default tier keeps scancel-checkpoints-and-stays-cancelled on SLURM and the local USR1 stop
+@pytest.mark.slow
 def test_preempted_twice_ends_with_the_uninterrupted_weights(tmp_path, fmnist):
     steps = 1500
     reference = tmp_path / "reference"
