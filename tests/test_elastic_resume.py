@@ -156,6 +156,7 @@ def zero_moments(checkpoint: Path, out: Path) -> dict[str, dict[str, torch.Tenso
     return moments
 
 
+@pytest.mark.slow  # CI budget: every elastic resume (about 40 s each on 2 cores) is in the slow tier
 @pytest.mark.parametrize("stage,before,after", [pytest.param(2, 2, 1, marks=pytest.mark.slow), (3, 2, 1),
                                                 pytest.param(2, 1, 2, marks=pytest.mark.slow),
                                                 pytest.param(1, 2, 1, marks=pytest.mark.slow)])

@@ -240,6 +240,7 @@ def test_planner_sizes_the_llama_from_its_shape(installed, tmp_path):
 # was released again by the first forward.
 
 
+@pytest.mark.slow  # CI budget
 def test_zero3_checkpointed_run_exports_under_the_model_names(runs, installed, tmp_path):
     run_dir = runs("llama_probe", "zero3_ckpt")
     weights = export(run_dir, tmp_path / "zero3.safetensors", installed)

@@ -189,6 +189,7 @@ class Undescribed(Job):
     Config = TrainingConfig
 
 
+@pytest.mark.slow  # CI budget: engine=auto on a measured job stays in the default tier
 def test_measured_shape_of_a_job_without_one(monkeypatch) -> None:
     """A job with `build_for_planning` and no `memory_shape` is measured: its estimate equals the
     CPU allocator's peak of the real step (achieved: within 0.1%, with and without
