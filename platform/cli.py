@@ -254,13 +254,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_data_build(args: argparse.Namespace) -> int:
     from scaleyard.data_loaders.builders import build
+    from scaleyard.platform.job import builder_networks
 
     options = {}
     for item in args.option:
         key, _, value = item.partition("=")
         options[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("") else value
     written = build(args.name, args.out, shard_size=args.shard_size, limit=args.limit,
-                    overwrite=args.overwrite, **options)
+                    overwrite=args.overwrite, networks=builder_networks, **options)
     for split, index in written.items():
         print(f"{args.out}/{split}: {index.total} samples in {len(index.shards)} shards")
     return 0

@@ -108,6 +108,12 @@ class Job:
     def check(self, cfg: DictConfig, world_size: int) -> None:
         """Job-specific config checks beyond field metadata; raise ConfigError."""
 
+    @staticmethod
+    def builder_networks(builder: str, **kwargs: Any) -> Any:
+        """The trained networks a data builder samples (for builders whose `networks_from` names
+        this job, e.g. `ppd_pairs` -> ppd); kwargs are the builder's options that locate them."""
+        raise NotImplementedError(f"this job supplies no networks to data builder {builder!r}")
+
     def stages(self, cfg: DictConfig) -> list:
         """The runs and data builds this run needs first (`scaleyard.platform.stages.Stage`), for
         the inputs its config leaves empty; the platform trains or builds them into
@@ -233,6 +239,19 @@ class Job:
     def presets(cls) -> list[str]:
         folder = cls.presets_dir()
         return sorted(p.stem for p in folder.glob("*.yaml")) if folder.exists() else []
+
+
+def builder_networks(job: str, builder: str, **kwargs: Any) -> Any:
+    """What a data builder that samples trained networks asks of the job that owns them
+    (`Builder.networks_from`; passed as `build(networks=...)`): `Job.builder_networks`, with a
+    config error reported as the data error it is for the builder."""
+    from scaleyard.data_loaders.index import DataError
+    from scaleyard.platform.config import ConfigError
+
+    try:
+        return get_job(job).builder_networks(builder, **kwargs)
+    except ConfigError as err:
+        raise DataError(str(err)) from None
 
 
 class UnknownJobError(KeyError):

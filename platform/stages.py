@@ -165,6 +165,7 @@ def run_stages(stages: list[PreparedStage], env: DistEnv, backend: str = "auto")
 
 def _build(item: PreparedStage) -> None:
     from scaleyard.data_loaders.builders import build
+    from scaleyard.platform.job import builder_networks
 
     done = item.folder / DONE_FILE
     if done.exists():
@@ -172,7 +173,8 @@ def _build(item: PreparedStage) -> None:
         return
     log.info("stage %s: building %s data into %s", item.stage.name, item.stage.build, item.folder)
     # a build interrupted part-way starts again: each split is moved into place only when complete
-    build(item.stage.build, item.folder, shard_size=item.stage.shard_size, overwrite=True, **item.stage.options)
+    build(item.stage.build, item.folder, shard_size=item.stage.shard_size, overwrite=True,
+          networks=builder_networks, **item.stage.options)
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(_build_record(item.stage), sort_keys=True))
     tmp.rename(done)

@@ -6,7 +6,8 @@ inside functions) of the five code folders. Data flows down, results flow up:
     platform/         never slurm/, models/ or jobs/ (it knows jobs through the registry)
     jobs/             never slurm/, torch.distributed or DeepSpeed (it asks the platform)
     models/           never platform/, jobs/ or slurm/
-    data_loaders/     never models/ or jobs/
+    data_loaders/     never platform/, models/ or jobs/ (a builder that samples trained networks gets
+                      them from its caller: build(networks=...))
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CLI = "platform/cli.py"
 # folder -> module prefixes it must not import
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "models": ("scaleyard.platform", "scaleyard.jobs", "scaleyard.slurm"),
-    "data_loaders": ("scaleyard.models", "scaleyard.jobs"),
+    "data_loaders": ("scaleyard.platform", "scaleyard.models", "scaleyard.jobs", "scaleyard.slurm"),
     "jobs": ("scaleyard.slurm", "torch.distributed", "deepspeed"),
     "platform": ("scaleyard.slurm", "scaleyard.models", "scaleyard.jobs"),
     "slurm": ("scaleyard.models", "scaleyard.jobs", "scaleyard.data_loaders"),

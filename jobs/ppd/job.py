@@ -265,8 +265,9 @@ class PPD(Job):
 
     # --- what the platform asks about the model ------------------------------------------------
     @staticmethod
-    def pair_sources(base: str, reader: str, steps: int = 20, guidance: float = 2.0):
-        """For the `ppd_pairs` builder (reached through the registry: data_loaders/ cannot import jobs/)."""
+    def builder_networks(builder: str, base: str = "", reader: str = "", steps: int = 20, guidance: float = 2.0):
+        """The base model and reader the `ppd_pairs` builder samples and scores with (handed to it by
+        the platform: data_loaders/ cannot import jobs/)."""
         return pair_sources(base, reader, steps, guidance)
 
     @staticmethod
