@@ -143,10 +143,21 @@ def run_stages(stages: list[PreparedStage], env: DistEnv, backend: str = "auto")
         init_process_group(env, backend)
     for item in stages:
         if item.prepared is None:
+            failed = item.folder.with_name(f"{item.folder.name}.failed")
             if env.rank == 0:
-                _build(item)
+                failed.unlink(missing_ok=True)  # an earlier attempt's
+            barrier()  # before any rank looks for it
+            if env.rank == 0:
+                try:
+                    _build(item)
+                except BaseException as err:  # the waiting ranks must not wait for ever
+                    failed.parent.mkdir(parents=True, exist_ok=True)
+                    failed.write_text(repr(err))
+                    raise
             else:  # a build can outlast the process group's timeout: wait on the file, not a collective
                 while not (item.folder / DONE_FILE).exists():
+                    if failed.exists():
+                        raise RuntimeError(f"stage {item.stage.name}: rank 0's data build failed: {failed.read_text()}")
                     time.sleep(BUILD_POLL_S)
             barrier()
             continue
