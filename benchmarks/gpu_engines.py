@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from timing import seconds_per_step  # benchmarks/timing.py (run as scripts)
 
-from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import TP_PLAN, build_model, count_parameters, flops_per_sample
+from scaleyard.models.diffusion import flow
+from scaleyard.models.diffusion.transformer import TP_PLAN, build_model, count_parameters, flops_per_sample
 from scaleyard.models.presets import preset
 from scaleyard.platform.config import TrainingConfig, resolve
 from scaleyard.platform.distributed import env_from_os, pick_device

@@ -15,8 +15,8 @@ import json
 import torch
 from timing import seconds_per_step  # benchmarks/timing.py (run as scripts)
 
-from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import build_model, count_parameters, flops_per_sample
+from scaleyard.models.diffusion import flow
+from scaleyard.models.diffusion.transformer import build_model, count_parameters, flops_per_sample
 from scaleyard.models.presets import preset
 from scaleyard.platform.metrics import peak_tflops
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from scaleyard.models.diffusion_transformer import ARCHITECTURES, DiffusionTransformerConfig
+from scaleyard.models.diffusion.transformer import ARCHITECTURES, DiffusionTransformerConfig
 
 # (width, depth, heads) per architecture and nominal size. Paper ladder: 256x256 images through a
 # 4-channel f=8 latent (32x32, patch 2 -> 256 tokens), 64 text tokens of width 384 (MiniLM).

@@ -104,7 +104,7 @@ def attention_blocks(denoiser: nn.Module) -> list[nn.Module]:
 
 
 class UserConditionedDenoiser(nn.Module):
-    """`denoiser(x_t, t, text, text_mask)` of models/diffusion_transformer.py, plus user tokens.
+    """`denoiser(x_t, t, text, text_mask)` of models/diffusion/transformer.py, plus user tokens.
 
     Call `set_user(tokens, keep)` before the denoiser is run (e.g. by a sampler that only knows the
     four-argument signature) and `set_user(None)` after; `forward` takes them directly."""

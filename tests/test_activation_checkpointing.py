@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import build_model
+from scaleyard.models.diffusion import flow
+from scaleyard.models.diffusion.transformer import build_model
 from scaleyard.models.presets import preset
 from scaleyard.platform.engines.activation_checkpointing import apply_activation_checkpointing, transformer_blocks
 

@@ -10,7 +10,7 @@ import torch
 from scaleyard.data_loaders.writer import write_split
 from scaleyard.jobs.classify.job import Classify, model_config
 from scaleyard.models.classifier import ConvClassifier
-from scaleyard.models.diffusion_transformer import build_model
+from scaleyard.models.diffusion.transformer import build_model
 from scaleyard.models.presets import preset, presets
 from scaleyard.models.tabdiff import TabDiff
 from scaleyard.platform.job import registry

@@ -27,7 +27,7 @@ from scaleyard.data_loaders.builders.ppd_users import (
 )
 from scaleyard.data_loaders.builders.shapes import caption, splits
 from scaleyard.jobs.ppd.losses import diffusion_dpo_loss
-from scaleyard.models.diffusion_transformer import build_model
+from scaleyard.models.diffusion.transformer import build_model
 from scaleyard.models.presets import preset
 from scaleyard.models.user_conditioning import UserConditionedDenoiser
 from scaleyard.platform.config import ConfigError

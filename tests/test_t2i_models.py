@@ -6,8 +6,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import (
+from scaleyard.models.diffusion import flow
+from scaleyard.models.diffusion.transformer import (
     ARCHITECTURES,
     DiffusionTransformerConfig,
     build_model,

@@ -34,8 +34,8 @@ from scaleyard.jobs.ppd.model import PersonalizedT2I, PPDShape
 from scaleyard.jobs.ppd.prerequisites import build_prerequisites
 from scaleyard.jobs.ppd.sources import base_config, check_run, generate, load_base, pair_sources, save_grid, to_unit
 from scaleyard.jobs.t2i.job import TextToImageJob, model_configs
-from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import DiffusionTransformerConfig
+from scaleyard.models.diffusion import flow
+from scaleyard.models.diffusion.transformer import DiffusionTransformerConfig
 from scaleyard.models.text_encoder import TextEncoderConfig
 from scaleyard.models.user_conditioning import UserEncoderConfig
 from scaleyard.platform.config import ConfigError, TrainingConfig, batch_per_rank, bounded, stream_config

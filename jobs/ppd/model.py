@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from scaleyard.jobs.t2i.job import TextToImage
-from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import DiffusionTransformerConfig
+from scaleyard.models.diffusion import flow
+from scaleyard.models.diffusion.transformer import DiffusionTransformerConfig
 from scaleyard.models.text_encoder import TextEncoderConfig
 from scaleyard.models.user_conditioning import UserConditionedDenoiser, UserEncoder, UserEncoderConfig
 

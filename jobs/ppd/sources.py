@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaleyard.jobs.attributes.job import AttributeReader, load_reader
 from scaleyard.jobs.t2i.job import Config as T2IConfig
 from scaleyard.jobs.t2i.job import TextToImage, model_configs
-from scaleyard.models import flow
+from scaleyard.models.diffusion import flow
 from scaleyard.platform.config import ConfigError
 
 

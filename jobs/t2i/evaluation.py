@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from scaleyard.jobs.t2i.metrics import classifier_readout, frechet_distance
-from scaleyard.models import flow
+from scaleyard.models.diffusion import flow
 from scaleyard.platform.job import EvalResult
 
 EVAL_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)

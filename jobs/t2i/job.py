@@ -18,8 +18,8 @@ from torch import nn
 from scaleyard.data_loaders.decoders import CaptionDecoder, Compose, ImageDecoder, LabelDecoder
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
-from scaleyard.models import flow
-from scaleyard.models.diffusion_transformer import (
+from scaleyard.models.diffusion import flow
+from scaleyard.models.diffusion.transformer import (
     TP_PLAN,
     DiffusionTransformerConfig,
     build_model,
@@ -185,7 +185,7 @@ class TextToImageJob(Job):
 
     @staticmethod
     def tp_plan(cfg: DictConfig) -> dict:
-        """The denoiser's plan (models/diffusion_transformer.py); it splits the trainable text
+        """The denoiser's plan (models/diffusion/transformer.py); it splits the trainable text
         encoder's blocks too, so both head counts must divide engine.tp_size."""
         denoiser, text = model_configs(cfg)
         heads = {"attention heads of model.preset": denoiser.heads}
@@ -209,7 +209,7 @@ class TextToImageJob(Job):
     def memory_shape(cfg: DictConfig) -> ModelShape:
         """For the planner: the denoiser's blocks (what tensor parallelism shards) and the trainable
         text encoder's; a frozen MiniLM runs without gradients and stores no activations."""
-        from scaleyard.models.diffusion_transformer import DiTBlock, UViTBlock
+        from scaleyard.models.diffusion.transformer import DiTBlock, UViTBlock
 
         d, text = model_configs(cfg)
         minilm = cfg.model.text_encoder == "minilm"

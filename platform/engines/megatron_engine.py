@@ -4,7 +4,7 @@ across replicas.
 The world is split into `engine.tp_size` ranks per replica (megatron's `parallel_state` groups:
 consecutive ranks share a replica, so TP stays inside a node). The job's model is built whole on
 every rank, then the plan the job declares (`Job.tp_plan`, written beside the model, e.g.
-`TP_PLAN` in models/diffusion_transformer.py) swaps the layers it names for megatron's parallel
+`TP_PLAN` in models/diffusion/transformer.py) swaps the layers it names for megatron's parallel
 ones (platform/engines/tensor_parallel.py). A job without a plan is refused at launch.
 Data is split over replicas only. Checkpoints hold one file per tensor-parallel rank
 (`step_*/megatron/tp_rank<R>.pt`, written by the first replica) plus the sharding layout, from

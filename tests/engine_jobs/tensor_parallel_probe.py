@@ -1,6 +1,6 @@
 """Under torchrun (gloo, 2 or 4 ranks): models split by their declared tensor-parallel plans
 against the single-device model on identical inputs: DiT-adaLN, DiT-cross and U-ViT (TP_PLAN in
-models/diffusion_transformer.py) and a tiny Hugging Face LlamaForCausalLM (a plan of a few lines
+models/diffusion/transformer.py) and a tiny Hugging Face LlamaForCausalLM (a plan of a few lines
 below, with vocabulary-parallel embedding and logits; untied, and tied with a padding token).
 Writes, per model, the largest difference of outputs, input gradients and (gathered) weight
 gradients to OUT.json (rank 0).
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaleyard.models.diffusion_transformer import TP_PLAN, build_model
+from scaleyard.models.diffusion.transformer import TP_PLAN, build_model
 from scaleyard.models.presets import preset
 from scaleyard.platform.engines.tensor_parallel import apply_tp_plan, unshard
 
