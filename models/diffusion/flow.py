@@ -18,6 +18,10 @@ import torch
 PROCESSES = ("flow", "vpred")
 SAMPLERS = ("euler", "heun", "ddim")
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# prediction(x_t, t) of a model whose conditioning is already bound (see `conditioned`)
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# adjust(x0, eps, t) -> (edited x0, applied [B]): an edit of the clean estimate inside a step
+Adjust = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def alpha_sigma(t: torch.Tensor, process: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,37 +80,90 @@ def alpha_sigma_rates(t: torch.Tensor, process: str) -> tuple[torch.Tensor, torc
     return -math.pi / 2 * torch.sin(math.pi * t / 2), math.pi / 2 * torch.cos(math.pi * t / 2)
 
 
-@torch.no_grad()
-def sample(model: Denoiser, noise: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, null_text: torch.Tensor,
-           null_mask: torch.Tensor, steps: int = 30, sampler: str = "euler", guidance: float = 1.0,
-           process: str = "flow") -> torch.Tensor:
-    """Integrate the probability-flow ODE dx/dt = alpha'(t) x0 + sigma'(t) eps from t = 1 (noise)
-    to t = 0. euler: first order; heun: second order (one extra evaluation per step, none on the
-    last); ddim (eta = 0): x_next = alpha(t_next) x0 + sigma(t_next) eps, which for the flow
-    process is the same update as euler."""
+def conditioned(model: Denoiser, text: torch.Tensor, mask: torch.Tensor, null_text: torch.Tensor,
+                null_mask: torch.Tensor, guidance: float = 1.0) -> Velocity:
+    """`prediction(x, t)` of a text-conditioned model under classifier-free guidance. x may hold
+    several stacked copies of the batch (block-major, as SRDS stacks its blocks): the conditioning
+    is tiled to match, so one call serves every block."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        copies = x.shape[0] // text.shape[0]
+        if copies == 1:
+            return guided(model, x, t, text, mask, null_text, null_mask, guidance)
+        tile = (lambda v: v.repeat(copies, *[1] * (v.dim() - 1)))  # noqa: E731
+        return guided(model, x, t, tile(text), tile(mask), tile(null_text), tile(null_mask), guidance)
+
+    return predict
+
+
+def ode_step(predict: Velocity, x: torch.Tensor, t_now: torch.Tensor, t_next: torch.Tensor, sampler: str = "euler",
+             process: str = "flow", adjust: Adjust | None = None) -> torch.Tensor:
+    """One step of the probability-flow ODE dx/dt = alpha'(t) x0 + sigma'(t) eps from t_now to
+    t_next (per-sample times, [B]). euler: first order; heun: second order (one extra evaluation,
+    none where t_next = 0); ddim (eta = 0): x_next = alpha(t_next) x0 + sigma(t_next) eps, which for
+    the flow process is the same update as euler.
+
+    `adjust(x0, eps, t) -> (x0', applied)` edits the clean-image estimate where `applied` [B] holds
+    (the safe denoiser); those samples are re-noised to t from (x0', eps) before the step, so the
+    step continues from the edited estimate (in Heun's second evaluation the edit changes the
+    slope only)."""
+    view = (-1, *[1] * (x.dim() - 1))
+
+    def slope(x_now: torch.Tensor, t: torch.Tensor, rebase: bool) -> tuple[torch.Tensor, ...]:
+        x0, eps = to_x0(x_now, predict(x_now, t), t, process)
+        if adjust is not None:
+            edited, applied = adjust(x0, eps, t)
+            if bool(applied.any()):
+                x0 = torch.where(applied.view(view), edited, x0)
+                if rebase:
+                    alpha, sigma = (v.view(view) for v in alpha_sigma(t, process))
+                    x_now = torch.where(applied.view(view), alpha * x0 + sigma * eps, x_now)
+        d_alpha, d_sigma = (v.view(view) for v in alpha_sigma_rates(t, process))
+        return d_alpha * x0 + d_sigma * eps, x0, eps, x_now
+
+    derivative, x0, eps, x = slope(x, t_now, rebase=True)
+    if sampler == "ddim":
+        alpha_next, sigma_next = (v.view(view) for v in alpha_sigma(t_next, process))
+        return alpha_next * x0 + sigma_next * eps
+    dt = (t_next - t_now).view(view)
+    x_next = x + dt * derivative
+    if sampler == "heun":
+        last = t_next == 0
+        if not bool(last.all()):
+            derivative_next = slope(x_next, t_next, rebase=False)[0]
+            corrected = x + dt * (derivative + derivative_next) / 2
+            x_next = torch.where(last.view(view), x_next, corrected)
+    return x_next
+
+
+def check_sampler(sampler: str, process: str) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if process not in PROCESSES:
         raise ValueError(f"unknown process {process!r}; choose one of {', '.join(PROCESSES)}")
-    times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+
+
+def time_grid(steps: int, device: torch.device | None = None) -> torch.Tensor:
+    """The `steps + 1` times of a sampler, from 1 (noise) to 0 (data), evenly spaced."""
+    return torch.linspace(1.0, 0.0, steps + 1, device=device)
+
+
+@torch.no_grad()
+def integrate(predict: Velocity, noise: torch.Tensor, steps: int = 30, sampler: str = "euler",
+              process: str = "flow", adjust: Adjust | None = None) -> torch.Tensor:
+    """The serial sampler: `steps` ODE steps from t = 1 (noise) to t = 0."""
+    check_sampler(sampler, process)
+    times = time_grid(steps, noise.device)
     x = noise
-
-    def slope(x_now: torch.Tensor, t_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t_batch = t_now.expand(x_now.shape[0])
-        x0, eps = to_x0(x_now, guided(model, x_now, t_batch, text, mask, null_text, null_mask, guidance), t_batch,
-                        process)
-        d_alpha, d_sigma = alpha_sigma_rates(t_now, process)
-        return d_alpha * x0 + d_sigma * eps, x0, eps
-
     for t_now, t_next in zip(times[:-1], times[1:]):
-        derivative, x0, eps = slope(x, t_now)
-        if sampler == "ddim":
-            alpha_next, sigma_next = alpha_sigma(t_next, process)
-            x = alpha_next * x0 + sigma_next * eps
-            continue
-        x_next = x + (t_next - t_now) * derivative
-        if sampler == "heun" and t_next > 0:
-            derivative_next, _, _ = slope(x_next, t_next)
-            x_next = x + (t_next - t_now) * (derivative + derivative_next) / 2
-        x = x_next
+        x = ode_step(predict, x, t_now.expand(x.shape[0]), t_next.expand(x.shape[0]), sampler, process, adjust)
     return x
+
+
+@torch.no_grad()
+def sample(model: Denoiser, noise: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, null_text: torch.Tensor,
+           null_mask: torch.Tensor, steps: int = 30, sampler: str = "euler", guidance: float = 1.0,
+           process: str = "flow") -> torch.Tensor:
+    """Serial sampling of a text-conditioned model (see `ode_step` for the samplers)."""
+    predict = conditioned(model, text, mask, null_text, null_mask, guidance)
+    return integrate(predict, noise, steps, sampler, process)
