@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 
-def _array(payload: bytes, field: str) -> np.ndarray:
+def _array(payload: bytes | np.ndarray, field: str) -> np.ndarray:
+    if isinstance(payload, np.ndarray):  # already decoded (shards written elsewhere, see foreign.py)
+        return payload
     if field.endswith(".npy"):
         return np.load(io.BytesIO(payload), allow_pickle=False)
     return np.asarray(Image.open(io.BytesIO(payload)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,15 @@ class ShardIndex:
 
 def _is_url(name: str) -> bool:
     return name.startswith("pipe:") or "://" in name
+
+
+def kept_member(member: tarfile.TarInfo) -> bool:
+    """The members webdataset's tar reader passes on (it drops `__meta__`-style names): the local
+    seeking reader and `scaleyard data index` count samples the same way as the URL reader."""
+    name = member.name
+    if not member.isreg() or (name.startswith("__") and "/" not in name and name.endswith("__")):
+        return False
+    return not re.match(r"__[^/]*__($|/)", name)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -20,7 +20,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scaleyard.data_loaders.index import DataError, ShardIndex, check_shards
+from scaleyard.data_loaders.foreign import ForeignView, view_of
+from scaleyard.data_loaders.index import DataError, ShardIndex, check_shards, kept_member
 from scaleyard.data_loaders.order import EpochOrder, OrderSpec, count_owned, lanes_of
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class ShardSource:
 def read_shard(source: ShardSource, first: int, required: tuple[str, ...]) -> Iterator[tuple[dict | None, str]]:
     """Raw samples `first`..`count-1` of one shard in tar order, exactly that many: a sample that
     cannot be read (truncated tar, missing field) comes out as (None, reason). Local shards with
-    recorded offsets are entered by seeking; other URLs are read from the start."""
+    recorded offsets are entered by seeking; other URLs are read from the start. A required field
+    "a|b" is present when either member is (foreign shards: "jpg|png|webp")."""
     problems: list[str] = []
 
     def note(exn: Exception) -> bool:
@@ -84,7 +86,7 @@ def read_shard(source: ShardSource, first: int, required: tuple[str, ...]) -> It
             if produced == expected:
                 break
             produced += 1
-            missing = [f for f in required if f not in sample]
+            missing = [f for f in required if not any(part in sample for part in f.split("|"))]
             if missing:
                 yield None, f"sample {sample.get('__key__')} in {source.url} lacks field(s) {missing}"
             else:
@@ -109,7 +111,7 @@ def _local_members(handle, url: str, note: Callable[[Exception], bool]) -> Itera
     try:
         tar = tarfile.open(fileobj=handle, mode="r:")
         for member in tar:
-            if member.isreg():
+            if kept_member(member):
                 yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
             tar.members = []  # keep memory flat on big shards
     except Exception as exn:  # noqa: BLE001 - reported like webdataset's handler would
@@ -151,9 +153,10 @@ class _RowPieces(IterableDataset):
     samples of its own lanes in that row (an empty list when it owns none there)."""
 
     def __init__(self, spec: OrderSpec, sources: list[ShardSource], required: tuple[str, ...], decode: Decode,
-                 rank: int, world_size: int, num_workers: int, start: int):
+                 rank: int, world_size: int, num_workers: int, start: int, view: ForeignView | None = None):
         super().__init__()
         self.spec, self.sources, self.required, self.decode = spec, sources, required, decode
+        self.view = view
         self.rank, self.world_size, self.num_workers, self.start = rank, world_size, num_workers, start
 
     def __iter__(self) -> Iterator[list[Item]]:
@@ -185,6 +188,8 @@ class _RowPieces(IterableDataset):
         if raw is None:
             return position, None, problem
         try:
+            if self.view is not None:
+                raw = self.view(raw, position)
             return position, self.decode(raw, position), ""
         except Exception as exn:  # noqa: BLE001 - a sample that fails to decode is a counted skip
             return position, None, f"sample {raw.get('__key__')} in {raw.get('__url__')}: {exn!r}"
@@ -223,6 +228,10 @@ class ShardStream:
         self.batch_per_rank, self.rank, self.world_size = batch_per_rank, rank, world_size
         self.position = start
         self.required = tuple(required if required is not None else index.schema)
+        # shards written elsewhere: their members are mapped onto the fields the decoders read
+        self.view = view_of(index, config.seed)
+        if self.view is not None:
+            self.required = tuple(self.view.raw_fields(f) for f in self.required)
         self.spec = OrderSpec.from_index(index, config.seed, config.lanes, config.shuffle_block)
         self.sources = [ShardSource(index.shard_url(s, config.shard_base), s.count, s.offsets, index.seek_every)
                         for s in index.shards]
@@ -251,7 +260,7 @@ class ShardStream:
     def _items(self) -> Iterator[Item]:
         workers = self.config.num_workers
         pieces = _RowPieces(self.spec, self.sources, self.required, self.decode,
-                            self.rank, self.world_size, workers, self.position)
+                            self.rank, self.world_size, workers, self.position, self.view)
         # A private generator: creating a DataLoader iterator draws a seed, and drawing it from
         # the global RNG would shift dropout & co. after every resume (resume would not be exact).
         loader = DataLoader(pieces, batch_size=None, num_workers=workers, persistent_workers=False, collate_fn=_as_is,

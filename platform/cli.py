@@ -284,6 +284,23 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_index(args: argparse.Namespace) -> int:
+    from scaleyard.data_loaders.indexer import index_shards
+
+    index = index_shards(args.source, args.out, size=args.size, crop=args.crop, caption=args.caption,
+                         workers=args.workers, force=args.force, decode_check=not args.no_decode_check)
+    corrupt, incomplete = index.extra["corrupt"], index.extra["incomplete"]
+    print(f"{args.out}/index.json: {index.total} samples in {len(index.shards)} shards of {args.source} "
+          f"(read where they are; nothing copied)")
+    for name, kind in index.schema.items():
+        print(f"  {name}: {kind}")
+    for name in [*corrupt["members"][:20], *(f"{u}: {p}" for u, p in index.extra["truncated_shards"].items())]:
+        print(f"  corrupt: {name}")
+    print(f"corrupt members: {corrupt['count']} (skipped when read); samples lacking a field: "
+          f"{ {k: v['count'] for k, v in incomplete.items()} or 'none'}")
+    return 0
+
+
 def _run_job_name(run: Path) -> str:
     """The job of a run folder: its summary.json, else the folder layout runs/<job>/<time>."""
     from scaleyard.platform.job import registry
@@ -442,6 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256")
     i.set_defaults(func=cmd_data_info)
+    x = data_sub.add_parser("index", help="index shards written elsewhere (img2dataset-style) to train on them "
+                                          "where they lie")
+    x.add_argument("source", help="a folder of .tar shards, a pattern 'shards/{000000..000099}.tar', or URLs "
+                                  "webdataset opens ('pipe:aws s3 cp s3://b/{000..009}.tar -')")
+    x.add_argument("--out", required=True, help="folder for index.json (use it as data.path)")
+    x.add_argument("--size", type=int, default=256, help="side of the square RGB images the reader produces")
+    x.add_argument("--crop", choices=("center", "random"), default="center",
+                   help="after resizing the shorter side: centre crop, or a random crop seeded per sample")
+    x.add_argument("--caption", default="txt", help="caption source: a member extension (txt) or json:KEY")
+    x.add_argument("--workers", type=int, default=0, help="parallel scanning processes (0: one per CPU, at most 16)")
+    x.add_argument("--force", action="store_true", help="replace an existing index.json in --out")
+    x.add_argument("--no-decode-check", action="store_true",
+                   help="read image headers only (faster; corrupt pixel data is then found, and skipped, in training)")
+    x.set_defaults(func=cmd_data_index)
 
     sample = sub.add_parser("sample", help="generate from a trained run (latest checkpoint, EMA weights)")
     sample.add_argument("run", help="a run folder (holds config.yaml and checkpoints/)")
