@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 if TYPE_CHECKING:
@@ -97,6 +97,23 @@ class EvalResult:
     text: dict[str, str] = field(default_factory=dict)
 
 
+def saved_config(job_cls: type[Job], saved: DictConfig) -> DictConfig:
+    """A run's saved config (config.yaml, or the one in a checkpoint) under the job's Config of
+    today: keys added since take their default, except those of `job_cls.saved_before`, which
+    take the value that reproduces the saved run. Raises OmegaConf's error for a key since removed."""
+    missing = {key: value for key, value in job_cls.saved_before.items()
+               if OmegaConf.select(saved, key, default=_ABSENT) is _ABSENT}
+    legacy = OmegaConf.from_dotlist([f"{key}={_dotlist_value(value)}" for key, value in missing.items()])
+    return OmegaConf.merge(OmegaConf.structured(job_cls.Config), legacy, saved)
+
+
+_ABSENT = object()
+
+
+def _dotlist_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 class Job:
     """Base class of every job. Training jobs implement `build`, `train_step`, `evaluate` and
     `flops_per_sample`; sampling-only jobs set `trains = False` and implement `sample`."""
@@ -104,6 +121,10 @@ class Job:
     name: ClassVar[str]
     Config: ClassVar[type]
     trains: ClassVar[bool] = True
+    # Config keys whose default changed what a run does, with the value every run saved before
+    # the key existed had (e.g. an architecture default brought in line with a reference): a saved
+    # config without the key reads as that value, not as the new default (`saved_config`).
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
         """Job-specific config checks beyond field metadata; raise ConfigError."""

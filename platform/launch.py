@@ -30,7 +30,7 @@ from scaleyard.platform.config import (
 )  # fmt: skip
 from scaleyard.platform.distributed import DistEnv, destroy_process_group, env_from_os
 from scaleyard.platform.engines import check_engine, data_world_size
-from scaleyard.platform.job import Job, get_job
+from scaleyard.platform.job import Job, get_job, saved_config
 from scaleyard.platform.stages import STAGES_DIR, prepare_stages, run_stages
 from scaleyard.platform.tract import check_tract
 
@@ -141,7 +141,7 @@ def check_run_dir(prepared: Prepared) -> str:
             return "new"
         raise ConfigError(
             f"{run_dir} holds a run with a different config (keys {', '.join(changed)}); "
-            f"choose another run.dir, or resume with the same settings"
+            f"choose another run.dir, or resume with the same settings{_saved_before_hint(saved, prepared, changed)}"
         )
     summary = read_summary(run_dir) if (run_dir / "summary.json").exists() else None
     if summary is None:
@@ -157,9 +157,23 @@ def _saved_with_new_defaults(saved: Path, prepared: Prepared) -> DictConfig:
     differs only if the new key is set to something else than its default."""
     old = OmegaConf.load(saved)
     try:
-        return OmegaConf.merge(OmegaConf.structured(prepared.job.Config), old)
+        return saved_config(type(prepared.job), old)  # keys whose default changed read as the run had them
     except OmegaConfBaseException:  # a key since removed from the Config: compare as saved (it differs)
         return old
+
+
+def _saved_before_hint(saved: Path, prepared: Prepared, changed: list[str]) -> str:
+    """For keys the run's config.yaml predates and whose default has changed since (Job.saved_before):
+    the overrides that resume it as it was trained."""
+    old = OmegaConf.load(saved)
+    keys = [key for key in changed if key in prepared.job.saved_before
+            and OmegaConf.select(old, key, default=None) is None]
+    if not keys:
+        return ""
+    values = " ".join(f"{key}={str(v).lower() if isinstance(v, bool) else v}"
+                      for key, v in ((key, prepared.job.saved_before[key]) for key in keys))
+    return (f". {saved} predates {', '.join(keys)}, whose defaults have changed since: the run was trained with "
+            f"{values}; add those overrides to resume it as it was")
 
 
 def continuation_notice(prepared: Prepared) -> str:

@@ -58,6 +58,7 @@ class BlockStack:
     adaln: bool = False
     qk_norm: bool = True
     context_tokens: int = 0
+    cross_norm: bool = True  # a norm before the cross-attention (off in PixArt-alpha)
     skip_layers: int = 0
     tensor_parallel: bool = True
     kv_heads: int = 0
@@ -210,8 +211,13 @@ def layer_activations(stack: BlockStack, autocast: bool = False) -> tuple[float,
     if stack.adaln:
         whole += 4  # adaLN-Zero: each modulation keeps the norm output, each gate its branch output
     if stack.context_tokens:
-        whole += _norm_elements(stack, 1, autocast)  # the cross-attention's norm
-        split += 4 + 3 * stack.context_tokens / stack.tokens  # q, normed q, output, copy; k, v, normed k
+        # the cross-attention's norm, or without one the query projection's input
+        whole += _norm_elements(stack, 1, autocast) if stack.cross_norm else 1
+        context = stack.context_tokens / stack.tokens
+        if stack.qk_norm:  # raw and normed q, output, the projection's re-laid-out copy; k, v, normed k
+            split += 4 + 3 * context
+        else:  # q and k, v as the projections wrote them: SDPA's output is already in the layout the
+            split += 2 + 2 * context  # output projection reads (measured on CPU: no copy)
     return whole, split
 
 
@@ -222,7 +228,7 @@ def autocast_fp32(stack: BlockStack) -> float:
     Measured on CPU bf16 autocast, Korthikanti et al.'s all-16-bit count is 7-17% low for our
     blocks without this."""
     per_norm = 2 if stack.norm == "rms" else 1
-    return 2 * per_norm + (2 if stack.adaln else 0) + (per_norm if stack.context_tokens else 0)
+    return 2 * per_norm + (2 if stack.adaln else 0) + (per_norm if stack.context_tokens and stack.cross_norm else 0)
 
 
 def stack_activations(stack: BlockStack, precision: str, tp: int = 1, sequence_parallel: bool = False,

@@ -124,3 +124,35 @@ def test_t2i_on_shapes_with_its_own_geometry(tmp_path):
                      f"run.dir={tmp_path}/c", "--nproc", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_run_saved_before_the_architecture_defaults_changed_resumes_as_it_was(tmp_path):
+    """config.yaml written before model.qk_norm / cross_norm / conv_out existed: that run had
+    query/key norm and the cross-attention norm, no U-ViT output conv. Resuming it with today's
+    defaults is refused with the overrides that resume it as it was; with them it resumes, and
+    its config reads as the old architecture wherever a saved run is loaded (ppd's base model)."""
+    from omegaconf import OmegaConf
+
+    from scaleyard.jobs.ppd.sources import base_config
+    from scaleyard.jobs.t2i.job import model_configs
+    from scaleyard.models.diffusion.transformer import build_model
+    from scaleyard.platform.config import ConfigError
+    from scaleyard.platform.launch import check_run_dir, prepare, write_config
+
+    run_dir = tmp_path / "old"
+    args = t2i_args(tmp_path / "data", run_dir, "model.preset=uvit-cpu-xs")[4:]  # checks only: no data read
+    write_config(prepare("t2i", args, preset="tiny"))
+    (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000004" / "meta.json").write_text("{}")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("qk_norm", "cross_norm", "conv_out"):
+        del saved.model[key]
+    OmegaConf.save(saved, run_dir / "config.yaml")
+    old = ["model.qk_norm=true", "model.cross_norm=true", "model.conv_out=false"]
+    with pytest.raises(ConfigError, match="trained with model.conv_out=false model.cross_norm=true "
+                                          "model.qk_norm=true; add those overrides"):
+        check_run_dir(prepare("t2i", args, preset="tiny"))
+    assert check_run_dir(prepare("t2i", [*args, *old], preset="tiny")) == "resume"
+    denoiser, _ = model_configs(base_config(run_dir))
+    assert denoiser.qk_norm and denoiser.cross_norm and not denoiser.conv_out
+    assert build_model(denoiser).conv is None  # the old checkpoint's keys, no conv weights expected

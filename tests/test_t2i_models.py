@@ -1,6 +1,8 @@
 """Diffusion transformers: preset sizes, FLOPs against torch's FlopCounterMode, conditioning,
 and the samplers of the flow and v-prediction processes."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -142,3 +144,103 @@ def test_sampling_with_guidance_follows_the_guided_point_mass():
         assert torch.allclose(out, torch.full_like(out, b + scale * (a - b)), atol=1e-4), sampler
     unguided = flow.sample(exact, noise, text, mask, null, mask, steps=10)
     assert torch.allclose(unguided, torch.full_like(unguided, a), atol=1e-4)
+
+
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The model moved off its zero-initialised start, so every branch contributes."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in model.parameters():
+        parameter.data.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def conditioning(cfg: DiffusionTransformerConfig, batch: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=generator)
+    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=generator)
+    mask = torch.ones(batch, cfg.text_len, dtype=torch.bool)
+    mask[:, 5:] = False
+    return x, torch.rand(batch, generator=generator), text, mask
+
+
+@pytest.mark.parametrize("cross_norm", [False, True])
+@pytest.mark.parametrize("arch", ["dit_adaln", "dit_cross"])
+def test_dit_blocks_and_the_cross_attention_branch_are_the_identity_at_init(arch, cross_norm):
+    """adaLN-Zero (DiT) and PixArt's zeroed cross-attention output: at init every block returns
+    its input exactly, whatever the condition, and the model predicts 0 (zeroed final layer)."""
+    cfg = dataclasses.replace(preset(f"{arch}-cpu-xs"), cross_norm=cross_norm)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x, t, text, mask = conditioning(cfg)
+    tokens = torch.randn(2, cfg.image_tokens, cfg.width)
+    c = torch.randn(2, cfg.width)
+    context = model.text_proj(text) if arch == "dit_cross" else None
+    for block in model.blocks:
+        assert torch.equal(block(tokens, c, context, mask if context is not None else None), tokens)
+        if arch == "dit_cross":  # the branch alone, not only through a zero gate elsewhere
+            assert torch.equal(block.cross(block.norm_cross(tokens), context, mask), torch.zeros_like(tokens))
+    assert torch.equal(model(x, t, text, mask), torch.zeros_like(x))
+
+
+def test_initialisation_follows_the_references():
+    """DiT: Xavier-uniform linears, the patch embedding as a linear, N(0, 0.02) time MLP; U-ViT:
+    truncated N(0, 0.02) linears and positions; zero biases in both."""
+    torch.manual_seed(0)
+    dit = build_model(preset("dit_cross-cpu-m"))
+    for name, module in dit.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.any() and name not in ("time.mlp.0", "time.mlp.2",
+                                                                                        "text_proj"):
+            bound = (6 / sum(module.weight.shape)) ** 0.5
+            assert module.weight.abs().max() <= bound and module.weight.abs().max() > 0.9 * bound, name
+            assert not module.bias.any(), name
+    patch = dit.patch_embed.proj.weight.flatten(1)
+    assert patch.abs().max() <= (6 / sum(patch.shape)) ** 0.5
+    assert dit.time.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    uvit = build_model(preset("uvit-cpu-m"))
+    for name, module in uvit.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.numel() > 1000:
+            assert module.weight.std().item() == pytest.approx(0.02, rel=0.1), name
+            assert not module.bias.any(), name
+    assert uvit.pos.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_defaults_follow_the_references_and_options_switch_the_features():
+    """No query/key norm and no norm before PixArt's cross-attention by default; U-ViT's output conv
+    on by default. Each option really changes the forward pass (same weights, other output)."""
+    from scaleyard.models.transformer import Attention
+
+    for arch in ARCHITECTURES:
+        cfg = preset(f"{arch}-cpu-xs")
+        assert not cfg.qk_norm and not cfg.cross_norm and cfg.conv_out
+        plain = perturbed(build_model(cfg))
+        attentions = [m for m in plain.modules() if isinstance(m, Attention)]
+        assert attentions and all(isinstance(m.q_norm, torch.nn.Identity) for m in attentions)
+        normed = build_model(dataclasses.replace(cfg, qk_norm=True))
+        assert all(isinstance(m.k_norm, torch.nn.LayerNorm) for m in normed.modules() if isinstance(m, Attention))
+        normed.load_state_dict(plain.state_dict())  # the norm has no weights: same parameters, other model
+        inputs = conditioning(cfg)
+        assert not torch.allclose(normed(*inputs), plain(*inputs), atol=1e-4), arch
+    cross = preset("dit_cross-cpu-xs")
+    assert all(isinstance(b.norm_cross, torch.nn.Identity) for b in build_model(cross).blocks)
+    with_norm = build_model(dataclasses.replace(cross, cross_norm=True))
+    assert all(isinstance(b.norm_cross, torch.nn.LayerNorm) for b in with_norm.blocks)
+    assert count_parameters(dataclasses.replace(cross, cross_norm=True)) - count_parameters(cross) == (
+        2 * cross.width * cross.depth)
+    uvit = preset("uvit-cpu-xs")
+    off = dataclasses.replace(uvit, conv_out=False)
+    assert build_model(uvit).conv is not None and build_model(off).conv is None
+    assert count_parameters(uvit) - count_parameters(off) == uvit.channels**2 * 9 + uvit.channels
+    assert flops_per_sample(uvit) > flops_per_sample(off)
+
+
+def test_a_config_saved_before_the_options_keeps_its_architecture():
+    """A dict saved (dataclasses.asdict) before qk_norm / cross_norm existed describes a model that
+    had both: it reads as that model, so its weights load and predict as they did."""
+    old = dataclasses.asdict(preset("dit_cross-cpu-xs"))
+    for key in ("qk_norm", "cross_norm"):
+        del old[key]
+    old["conv_out"] = False  # what every saved config had before the default changed
+    cfg = DiffusionTransformerConfig.from_saved(old)
+    assert cfg.qk_norm and cfg.cross_norm and not cfg.conv_out
+    new = DiffusionTransformerConfig.from_saved(dataclasses.asdict(preset("uvit-cpu-xs")))
+    assert not new.qk_norm and new.conv_out  # keys that are there are kept

@@ -118,7 +118,8 @@ def shape_of(base_cfg: DictConfig, cfg: DictConfig, feature_dim: int) -> PPDShap
 
 
 def shape_from_state(state: dict[str, Any]) -> PPDShape:
-    return PPDShape(DiffusionTransformerConfig(**state["denoiser"]), TextEncoderConfig(**state["text"]),
+    # from_saved: a state written before an architecture key existed keeps the architecture it had
+    return PPDShape(DiffusionTransformerConfig.from_saved(state["denoiser"]), TextEncoderConfig(**state["text"]),
                     UserEncoderConfig(**state["encoder"]), state["process"])
 
 

@@ -19,10 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scaleyard.jobs.attributes.job import AttributeReader, load_reader
-from scaleyard.jobs.t2i.job import Config as T2IConfig
-from scaleyard.jobs.t2i.job import TextToImage, model_configs
+from scaleyard.jobs.t2i.job import TextToImage, TextToImageJob, model_configs
 from scaleyard.models.diffusion import flow
 from scaleyard.platform.config import ConfigError
+from scaleyard.platform.job import saved_config
 
 
 def run_job(run_dir: Path) -> str | None:
@@ -47,7 +47,8 @@ def check_run(key: str, run_dir: str, job: str) -> Path:
 
 def base_config(run_dir: str | Path) -> DictConfig:
     """The t2i run's resolved config (its model architecture, process and sampling settings)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(T2IConfig), OmegaConf.load(Path(run_dir) / "config.yaml"))
+    # a run saved before an architecture default changed is read as it was trained (saved_before)
+    cfg = saved_config(TextToImageJob, OmegaConf.load(Path(run_dir) / "config.yaml"))
     if cfg.model.text_encoder != "hashed":
         raise ConfigError(f"config key 'model.base_run': {run_dir} uses model.text_encoder={cfg.model.text_encoder}; "
                           "ppd fine-tunes t2i runs with the trainable hashed text encoder")

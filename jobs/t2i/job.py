@@ -20,6 +20,7 @@ from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
 from scaleyard.models.diffusion import flow
 from scaleyard.models.diffusion.transformer import (
+    SAVED_BEFORE,
     TP_PLAN,
     DiffusionTransformerConfig,
     build_model,
@@ -60,6 +61,10 @@ class ModelConfig:
     text_heads: int = bounded(4, 1)
     process: str = choice("flow", flow.PROCESSES)
     caption_dropout: float = bounded(0.1, 0.0, 1.0)
+    # architecture switches; the defaults are the reference code's (models/diffusion/transformer.py)
+    qk_norm: bool = False  # LayerNorm of queries and keys in every attention of the denoiser
+    cross_norm: bool = False  # dit_cross: a LayerNorm before each cross-attention (PixArt has none)
+    conv_out: bool = True  # uvit: the 3x3 conv after unpatchify (on in the reference)
 
 
 @dataclass
@@ -85,7 +90,7 @@ def model_configs(cfg: DictConfig) -> tuple[DiffusionTransformerConfig, TextEnco
         denoiser = preset(cfg.model.preset)
     except ValueError as err:
         raise ConfigError(f"config key 'model.preset': {err}") from None
-    changes: dict = {}
+    changes: dict = {key: bool(cfg.model[key]) for key in ("qk_norm", "cross_norm", "conv_out")}
     if cfg.model.text_encoder == "minilm":
         changes["text_dim"] = FrozenMiniLM.width
     if cfg.model.image_size:
@@ -130,6 +135,9 @@ class TextToImage(nn.Module):
 class TextToImageJob(Job):
     name = "t2i"
     Config = Config
+    # runs saved before these keys existed trained the old architecture (models/diffusion/transformer.py,
+    # SAVED_BEFORE): they resume, sample and fine-tune as that, not as today's defaults
+    saved_before = {f"model.{key}": value for key, value in SAVED_BEFORE.items()}
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
         model_configs(cfg)
@@ -219,7 +227,8 @@ class TextToImageJob(Job):
         uvit = d.arch == "uvit"
         tokens = d.image_tokens + (1 + d.text_len if uvit else 0)
         stacks = [BlockStack("denoiser", d.depth, d.width, d.heads, tokens, blocks, d.mlp_ratio, adaln=not uvit,
-                             context_tokens=d.text_len if d.arch == "dit_cross" else 0,
+                             context_tokens=d.text_len if d.arch == "dit_cross" else 0, qk_norm=d.qk_norm,
+                             cross_norm=d.cross_norm,
                              skip_layers=d.depth // 2 if uvit else 0)]
         if model.text is not None:
             stacks.append(BlockStack("text encoder", text.depth, text.width, text.heads, text.max_len,

@@ -6,11 +6,18 @@ text mask [B, T]) to a prediction of the same shape as x_t (a velocity for flow 
 - DiT-cross (PixArt-style): time through adaLN-Zero, text through a cross-attention per block.
 - U-ViT (Bao et al.): time, text and image tokens in one sequence, long skips between the
   in- and out-blocks, no adaLN.
+
+Defaults follow the reference code (facebookresearch/DiT `models.py`, PixArt-alpha `PixArt.py`,
+baofff/U-ViT `libs/uvit_t2i.py`), initialisation included: no query/key norm, PixArt's
+cross-attention on the un-normalised tokens with its output projection zeroed (identity at
+init), U-ViT's 3x3 conv after unpatchify. `qk_norm`, `cross_norm` and `conv_out` switch the
+alternatives on or off; what still differs from the references is listed in the README.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +25,9 @@ from torch import nn
 from scaleyard.models.transformer import MLP, Attention, PatchEmbed, TimestepEmbedding, modulate, sincos_2d, unpatchify
 
 ARCHITECTURES = ("dit_adaln", "dit_cross", "uvit")
+# What a config written before each of these keys existed meant: the model it describes had
+# query/key norm and the pre-cross-attention norm always, and never the U-ViT output conv.
+SAVED_BEFORE: dict[str, Any] = {"qk_norm": True, "cross_norm": True, "conv_out": False}
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,13 @@ class DiffusionTransformerConfig:
     text_dim: int = 128  # width of the text encoder's token embeddings
     text_len: int = 16  # text tokens the model sees (U-ViT's sequence includes them)
     mlp_ratio: float = 4.0
-    conv_out: bool = False  # U-ViT's optional 3x3 conv after unpatchify
+    # per-head LayerNorm (no learnable scale) of queries and keys: bounds attention logits, but
+    # neither reference has it and it touches exactly the attention conditioning being compared
+    qk_norm: bool = False
+    # DiT-cross: a LayerNorm (with affine) before the cross-attention; PixArt-alpha feeds the
+    # block's tokens to it as they are
+    cross_norm: bool = False
+    conv_out: bool = True  # U-ViT's 3x3 conv after unpatchify (on in the reference); DiT has none
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -43,6 +59,12 @@ class DiffusionTransformerConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.arch == "uvit" and self.depth % 2 == 0:
             raise ValueError(f"U-ViT depth counts in-blocks + mid block + out-blocks and must be odd, got {self.depth}")
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> DiffusionTransformerConfig:
+        """A config saved as a dict (dataclasses.asdict) by an earlier version: a key it lacks
+        takes the value that reproduces what that model was (SAVED_BEFORE), not today's default."""
+        return cls(**{**SAVED_BEFORE, **values})
 
     @property
     def side(self) -> int:
@@ -58,14 +80,12 @@ class DiTBlock(nn.Module):
         super().__init__()
         d = cfg.width
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(d, cfg.heads)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(d, cfg.mlp_ratio)
-        self.cross = Attention(d, cfg.heads, context_dim=d) if cross else None
-        self.norm_cross = nn.LayerNorm(d, eps=1e-6) if cross else None
+        self.cross = Attention(d, cfg.heads, context_dim=d, qk_norm=cfg.qk_norm) if cross else None
+        self.norm_cross = nn.LayerNorm(d, eps=1e-6) if cross and cfg.cross_norm else nn.Identity()
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        nn.init.zeros_(self.ada[1].weight)  # adaLN-Zero: every block starts as the identity
-        nn.init.zeros_(self.ada[1].bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -91,7 +111,28 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.out = nn.Linear(d, cfg.patch**2 * cfg.channels)
-        for layer in (self.final_ada[1], self.out):
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's (and PixArt-alpha's) initialisation: Xavier-uniform linears with zero biases, the
+        patch embedding initialised as the linear it is, N(0, 0.02) for the time MLP and the
+        text projection (DiT's label table, PixArt's caption MLP), and zeros where a branch must
+        start as nothing: adaLN-Zero's modulation (gates 0: each block is the identity), the
+        cross-attention's output projection (PixArt) and the final layer (prediction 0)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        for layer in (self.time.mlp[0], self.time.mlp[2], self.text_proj):
+            nn.init.normal_(layer.weight, std=0.02)
+        zeroed = [self.final_ada[1], self.out]
+        for block in self.blocks:
+            zeroed.append(block.ada[1])
+            if block.cross is not None:
+                zeroed.append(block.cross.proj)
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -117,7 +158,7 @@ class UViTBlock(nn.Module):
         super().__init__()
         d = cfg.width
         self.skip = nn.Linear(2 * d, d) if skip else None
-        self.norm1, self.attn = nn.LayerNorm(d), Attention(d, cfg.heads)
+        self.norm1, self.attn = nn.LayerNorm(d), Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
         self.norm2, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +177,6 @@ class UViT(nn.Module):
         self.time = TimestepEmbedding(d)
         self.text_proj = nn.Linear(cfg.text_dim, d)
         self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.text_len + cfg.image_tokens, d))
-        nn.init.trunc_normal_(self.pos, std=0.02)
         half = cfg.depth // 2  # depth = half in-blocks + 1 mid block + half out-blocks
         self.in_blocks = nn.ModuleList(UViTBlock(cfg, skip=False) for _ in range(half))
         self.mid_block = UViTBlock(cfg, skip=False)
@@ -144,6 +184,20 @@ class UViT(nn.Module):
         self.final_norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, cfg.patch**2 * cfg.channels)
         self.conv = nn.Conv2d(cfg.channels, cfg.channels, 3, padding=1) if cfg.conv_out else None
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """U-ViT's initialisation: truncated N(0, 0.02) for the positions and every linear (zero
+        biases), LayerNorms at 1/0; convolutions (patch embedding, output conv) keep PyTorch's.
+        Nothing is zeroed, so unlike DiT no block is the identity at init."""
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
