@@ -15,17 +15,18 @@ class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None, else cross-attention from the
     queries' tokens to `context` (whose width may differ)."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = True):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, qk_norm: bool = True,
+                 qkv_bias: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.cross = context_dim is not None
         if self.cross:
-            self.q = nn.Linear(dim, dim)
-            self.kv = nn.Linear(context_dim, 2 * dim)
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim)
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         # per-head RMS-style normalisation of q and k keeps attention logits bounded at scale
         self.q_norm = nn.LayerNorm(dim // heads, elementwise_affine=False) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim // heads, elementwise_affine=False) if qk_norm else nn.Identity()
@@ -61,18 +62,20 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TimestepEmbedding(nn.Module):
-    """t in [0, 1] -> sinusoid (256) -> MLP, as in DiT."""
+    """t in [0, 1] -> sinusoid (256) -> MLP, as in DiT; `mlp=False`: the sinusoid of width `dim`
+    itself (float32), U-ViT's time token (its reference's mlp_time_embed=False)."""
 
-    def __init__(self, dim: int, frequencies: int = 256, max_period: float = 10_000.0):
+    def __init__(self, dim: int, frequencies: int = 256, max_period: float = 10_000.0, mlp: bool = True):
         super().__init__()
-        self.frequencies, self.max_period = frequencies, max_period
-        self.mlp = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.frequencies, self.max_period = (frequencies if mlp else dim), max_period
+        self.mlp = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim)) if mlp else None
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequencies // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)
         angles = (t.float() * 1000.0)[:, None] * freqs[None]
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.mlp[0].weight.dtype))
+        sinusoid = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return sinusoid if self.mlp is None else self.mlp(sinusoid.to(self.mlp[0].weight.dtype))
 
 
 def sincos_2d(dim: int, side: int) -> torch.Tensor:

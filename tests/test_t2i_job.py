@@ -127,8 +127,9 @@ def test_t2i_on_shapes_with_its_own_geometry(tmp_path):
 
 
 def test_a_run_saved_before_the_architecture_defaults_changed_resumes_as_it_was(tmp_path):
-    """config.yaml written before model.qk_norm / cross_norm / conv_out existed: that run had
-    query/key norm and the cross-attention norm, no U-ViT output conv. Resuming it with today's
+    """config.yaml written before model.qk_norm / cross_norm / conv_out / qkv_bias / time_mlp
+    existed: that run had query/key norm, the cross-attention norm, U-ViT's qkv bias and time MLP,
+    and no U-ViT output conv. Resuming it with today's
     defaults is refused with the overrides that resume it as it was; with them it resumes, and
     its config reads as the old architecture wherever a saved run is loaded (ppd's base model)."""
     from omegaconf import OmegaConf
@@ -145,14 +146,16 @@ def test_a_run_saved_before_the_architecture_defaults_changed_resumes_as_it_was(
     (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
     (run_dir / "checkpoints" / "step_00000004" / "meta.json").write_text("{}")
     saved = OmegaConf.load(run_dir / "config.yaml")
-    for key in ("qk_norm", "cross_norm", "conv_out"):
+    for key in ("qk_norm", "cross_norm", "conv_out", "qkv_bias", "time_mlp"):
         del saved.model[key]
     OmegaConf.save(saved, run_dir / "config.yaml")
-    old = ["model.qk_norm=true", "model.cross_norm=true", "model.conv_out=false"]
+    old = ["model.qk_norm=true", "model.cross_norm=true", "model.conv_out=false", "model.qkv_bias=true",
+           "model.time_mlp=true"]
     with pytest.raises(ConfigError, match="trained with model.conv_out=false model.cross_norm=true "
-                                          "model.qk_norm=true; add those overrides"):
+                                          "model.qk_norm=true model.qkv_bias=true model.time_mlp=true; add those"):
         check_run_dir(prepare("t2i", args, preset="tiny"))
     assert check_run_dir(prepare("t2i", [*args, *old], preset="tiny")) == "resume"
     denoiser, _ = model_configs(base_config(run_dir))
-    assert denoiser.qk_norm and denoiser.cross_norm and not denoiser.conv_out
-    assert build_model(denoiser).conv is None  # the old checkpoint's keys, no conv weights expected
+    assert denoiser.qk_norm and denoiser.cross_norm and not denoiser.conv_out and denoiser.qkv_bias
+    model = build_model(denoiser)  # the old checkpoint's keys: no conv, a qkv bias and a time MLP
+    assert model.conv is None and model.time.mlp is not None and model.mid_block.attn.qkv.bias is not None

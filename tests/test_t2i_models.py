@@ -200,13 +200,14 @@ def test_initialisation_follows_the_references():
     for name, module in uvit.named_modules():
         if isinstance(module, torch.nn.Linear) and module.weight.numel() > 1000:
             assert module.weight.std().item() == pytest.approx(0.02, rel=0.1), name
-            assert not module.bias.any(), name
+            assert module.bias is None if name.endswith("attn.qkv") else not module.bias.any(), name
     assert uvit.pos.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_defaults_follow_the_references_and_options_switch_the_features():
     """No query/key norm and no norm before PixArt's cross-attention by default; U-ViT's output conv
-    on by default. Each option really changes the forward pass (same weights, other output)."""
+    on, its qkv bias and time MLP off by default. Each option really changes the model (same
+    weights, other output; or other parameters)."""
     from scaleyard.models.transformer import Attention
 
     for arch in ARCHITECTURES:
@@ -231,16 +232,28 @@ def test_defaults_follow_the_references_and_options_switch_the_features():
     assert build_model(uvit).conv is not None and build_model(off).conv is None
     assert count_parameters(uvit) - count_parameters(off) == uvit.channels**2 * 9 + uvit.channels
     assert flops_per_sample(uvit) > flops_per_sample(off)
+    assert not uvit.qkv_bias and not uvit.time_mlp
+    model = build_model(uvit)
+    assert all(block.attn.qkv.bias is None for block in model.modules() if hasattr(block, "attn"))
+    assert model.time.mlp is None and model.time(torch.rand(3)).shape == (3, uvit.width)  # the raw sinusoid
+    d, depth = uvit.width, uvit.depth
+    assert count_parameters(dataclasses.replace(uvit, qkv_bias=True)) - count_parameters(uvit) == 3 * d * depth
+    assert count_parameters(dataclasses.replace(uvit, time_mlp=True)) - count_parameters(uvit) == 257 * d + d * d + d
+    for arch in ("dit_adaln", "dit_cross"):  # DiT's reference has both, always: the options are U-ViT's
+        dit = build_model(preset(f"{arch}-cpu-xs"))
+        assert dit.blocks[0].attn.qkv.bias is not None and dit.time.mlp is not None
 
 
 def test_a_config_saved_before_the_options_keeps_its_architecture():
-    """A dict saved (dataclasses.asdict) before qk_norm / cross_norm existed describes a model that
-    had both: it reads as that model, so its weights load and predict as they did."""
-    old = dataclasses.asdict(preset("dit_cross-cpu-xs"))
-    for key in ("qk_norm", "cross_norm"):
+    """A dict saved (dataclasses.asdict) before the architecture switches existed describes the
+    model of then: it reads as that model, so its weights load as they were saved."""
+    old = dataclasses.asdict(preset("uvit-cpu-xs"))
+    for key in ("qk_norm", "cross_norm", "qkv_bias", "time_mlp"):
         del old[key]
     old["conv_out"] = False  # what every saved config had before the default changed
     cfg = DiffusionTransformerConfig.from_saved(old)
-    assert cfg.qk_norm and cfg.cross_norm and not cfg.conv_out
+    assert cfg.qk_norm and cfg.cross_norm and not cfg.conv_out and cfg.qkv_bias and cfg.time_mlp
+    before = build_model(cfg)  # the old architecture: qkv bias, time MLP, no conv
+    assert before.conv is None and before.time.mlp is not None and before.in_blocks[0].attn.qkv.bias is not None
     new = DiffusionTransformerConfig.from_saved(dataclasses.asdict(preset("uvit-cpu-xs")))
     assert not new.qk_norm and new.conv_out  # keys that are there are kept

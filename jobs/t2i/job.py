@@ -65,6 +65,8 @@ class ModelConfig:
     qk_norm: bool = False  # LayerNorm of queries and keys in every attention of the denoiser
     cross_norm: bool = False  # dit_cross: a LayerNorm before each cross-attention (PixArt has none)
     conv_out: bool = True  # uvit: the 3x3 conv after unpatchify (on in the reference)
+    qkv_bias: bool = False  # uvit: a bias on the q/k/v projection (none in the reference; DiT always has one)
+    time_mlp: bool = False  # uvit: time token through DiT's MLP (the reference uses the raw sinusoid)
 
 
 @dataclass
@@ -90,7 +92,7 @@ def model_configs(cfg: DictConfig) -> tuple[DiffusionTransformerConfig, TextEnco
         denoiser = preset(cfg.model.preset)
     except ValueError as err:
         raise ConfigError(f"config key 'model.preset': {err}") from None
-    changes: dict = {key: bool(cfg.model[key]) for key in ("qk_norm", "cross_norm", "conv_out")}
+    changes: dict = {key: bool(cfg.model[key]) for key in SAVED_BEFORE}  # the architecture switches
     if cfg.model.text_encoder == "minilm":
         changes["text_dim"] = FrozenMiniLM.width
     if cfg.model.image_size:

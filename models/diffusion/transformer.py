@@ -10,8 +10,9 @@ text mask [B, T]) to a prediction of the same shape as x_t (a velocity for flow 
 Defaults follow the reference code (facebookresearch/DiT `models.py`, PixArt-alpha `PixArt.py`,
 baofff/U-ViT `libs/uvit_t2i.py`), initialisation included: no query/key norm, PixArt's
 cross-attention on the un-normalised tokens with its output projection zeroed (identity at
-init), U-ViT's 3x3 conv after unpatchify. `qk_norm`, `cross_norm` and `conv_out` switch the
-alternatives on or off; what still differs from the references is listed in the README.
+init), U-ViT's 3x3 conv after unpatchify, no qkv bias and the raw sinusoid as its time token.
+`qk_norm`, `cross_norm`, `conv_out`, `qkv_bias` and `time_mlp` switch the alternatives on or off;
+what still differs from the references is listed in the README.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from scaleyard.models.transformer import MLP, Attention, PatchEmbed, TimestepEmb
 
 ARCHITECTURES = ("dit_adaln", "dit_cross", "uvit")
 # What a config written before each of these keys existed meant: the model it describes had
-# query/key norm and the pre-cross-attention norm always, and never the U-ViT output conv.
-SAVED_BEFORE: dict[str, Any] = {"qk_norm": True, "cross_norm": True, "conv_out": False}
+# query/key norm, the pre-cross-attention norm, U-ViT's qkv bias and time MLP always, and never
+# the U-ViT output conv.
+SAVED_BEFORE: dict[str, Any] = {"qk_norm": True, "cross_norm": True, "conv_out": False, "qkv_bias": True,
+                                "time_mlp": True}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class DiffusionTransformerConfig:
     # block's tokens to it as they are
     cross_norm: bool = False
     conv_out: bool = True  # U-ViT's 3x3 conv after unpatchify (on in the reference); DiT has none
+    # U-ViT only (DiT's reference has both, always): a bias on the q/k/v projection, and the time
+    # token through DiT's sinusoid MLP; the reference has neither (qkv_bias=False, mlp_time_embed=False)
+    qkv_bias: bool = False
+    time_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -158,7 +165,8 @@ class UViTBlock(nn.Module):
         super().__init__()
         d = cfg.width
         self.skip = nn.Linear(2 * d, d) if skip else None
-        self.norm1, self.attn = nn.LayerNorm(d), Attention(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias)
         self.norm2, self.mlp = nn.LayerNorm(d), MLP(d, cfg.mlp_ratio)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +182,7 @@ class UViT(nn.Module):
         self.cfg = cfg
         d = cfg.width
         self.patch_embed = PatchEmbed(cfg.channels, cfg.patch, d)
-        self.time = TimestepEmbedding(d)
+        self.time = TimestepEmbedding(d, mlp=cfg.time_mlp)
         self.text_proj = nn.Linear(cfg.text_dim, d)
         self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.text_len + cfg.image_tokens, d))
         half = cfg.depth // 2  # depth = half in-blocks + 1 mid block + half out-blocks
@@ -194,14 +202,17 @@ class UViT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:  # the qkv projection has none by default
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        tokens = torch.cat([self.time(t)[:, None], self.text_proj(text), self.patch_embed(x)], dim=1) + self.pos
+        patches = self.patch_embed(x)
+        time = self.time(t).to(patches.dtype)[:, None]  # the raw sinusoid is float32
+        tokens = torch.cat([time, self.text_proj(text), patches], dim=1) + self.pos
         ones = torch.ones(batch, 1, dtype=torch.bool, device=x.device)
         image = torch.ones(batch, self.cfg.image_tokens, dtype=torch.bool, device=x.device)
         mask = torch.cat([ones, text_mask.bool(), image], dim=1)
@@ -258,7 +269,7 @@ def flops_per_sample(cfg: DiffusionTransformerConfig) -> float:
     per_token_block = 4 * d * d + 2 * d * hidden  # qkv + proj + MLP
     patch_in = cfg.channels * cfg.patch**2 * d
     patch_out = d * cfg.patch**2 * cfg.channels
-    time_mlp = 256 * d + d * d
+    time_mlp = 256 * d + d * d if cfg.arch != "uvit" or cfg.time_mlp else 0
     if cfg.arch == "uvit":
         n = 1 + t + s
         macs = depth * (n * per_token_block + 2 * n * n * d)
