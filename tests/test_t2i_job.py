@@ -1,5 +1,6 @@
 """The t2i job end to end (real shards, real classifier metrics), its resume, and sweeps."""
 
+import dataclasses
 import json
 import sys
 
@@ -136,7 +137,7 @@ def test_a_run_saved_before_the_architecture_defaults_changed_resumes_as_it_was(
 
     from scaleyard.jobs.ppd.sources import base_config
     from scaleyard.jobs.t2i.job import model_configs
-    from scaleyard.models.diffusion.transformer import build_model
+    from scaleyard.models.diffusion.transformer import SAVED_BEFORE, build_model
     from scaleyard.platform.config import ConfigError
     from scaleyard.platform.launch import check_run_dir, prepare, write_config
 
@@ -159,3 +160,9 @@ def test_a_run_saved_before_the_architecture_defaults_changed_resumes_as_it_was(
     assert denoiser.qk_norm and denoiser.cross_norm and not denoiser.conv_out and denoiser.qkv_bias
     model = build_model(denoiser)  # the old checkpoint's keys: no conv, a qkv bias and a time MLP
     assert model.conv is None and model.time.mlp is not None and model.mid_block.attn.qkv.bias is not None
+    before = dataclasses.replace(denoiser, **SAVED_BEFORE)  # the architecture as it was before the switches
+    old_weights = build_model(before).state_dict()
+    model.load_state_dict(old_weights)  # strict: the old weights fit exactly
+    with pytest.raises(RuntimeError, match="Missing key.*conv|Unexpected key.*qkv.bias"):  # today's defaults would not
+        build_model(dataclasses.replace(before, **{k: not v for k, v in SAVED_BEFORE.items()})).load_state_dict(
+            old_weights)
