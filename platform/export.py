@@ -141,9 +141,7 @@ def job_formats(job_name: str) -> dict[str, str]:
 def job_export(run_dir: Path, fmt: str, out: Path | None = None, step: int | None = None, ema: bool = False,
                job_name: str | None = None) -> dict:
     """A job-provided format: the run's weights (any engine) handed to `Job.export`."""
-    from omegaconf import OmegaConf
-
-    from scaleyard.platform.job import get_job
+    from scaleyard.platform.job import get_job, saved_config
     from scaleyard.platform.weights import load_run_weights
 
     job_cls = get_job(job_name or run_job_name(run_dir))
@@ -155,7 +153,7 @@ def job_export(run_dir: Path, fmt: str, out: Path | None = None, step: int | Non
     out = out or run_dir / "export" / f"step_{loaded.step:08d}{'_ema' if loaded.ema else ''}.{fmt}"
     if out.exists():
         raise ExportError(f"{out} exists; choose another --out (exports never overwrite)")
-    cfg = OmegaConf.merge(OmegaConf.structured(job_cls.Config), loaded.config)
+    cfg = saved_config(job_cls, loaded.config)  # a run from before a changed default reads as it was trained
     summary = job_cls().export(fmt, cfg, loaded.weights, loaded.job_state, out)
     return {"run": str(run_dir), "step": loaded.step, "ema": loaded.ema, "format": fmt, "out": str(out), **summary}
 
