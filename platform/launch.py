@@ -74,6 +74,8 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     to_stages = [o for o in overrides if o.startswith(f"{STAGES_DIR}.")]
     cfg = resolve(job_cls.Config, files, [o for o in overrides if o not in to_stages])
     check_config(cfg, job_cls.Config)
+    # before planning (the model's shape may depend on them); joins the overrides as the plan does
+    overrides = [*overrides, *adopt_saved_before(job_cls, cfg, overrides)]
     if job_cls.trains and cfg.engine.name == "auto":
         from scaleyard.platform.planner import device_memory_gb, resolve_auto
 
@@ -106,6 +108,28 @@ def prepare(job_name: str, overrides: list[str], preset: str | None = None, worl
     # after the job's own checks (which see the inputs the user gave), before anything is written
     stages = prepare_stages(job, cfg, world_size, gpu_memory_gb, runs_here, to_stages)
     return Prepared(job, cfg, preset, list(overrides), stages)
+
+
+def adopt_saved_before(job_cls: type[Job], cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """A run in `run.dir` saved before keys of `job_cls.saved_before` existed (a default that
+    changed what the job does) resumes as it was trained: those keys take the values it had,
+    unless the command line sets them (then the resume check refuses the different config, naming
+    the values). Returns the adopted keys as overrides."""
+    saved = Path(cfg.run.dir) / "config.yaml" if cfg.run.dir and job_cls.saved_before else None
+    if saved is None or not saved.exists() or not (has_checkpoint(saved.parent)
+                                                     or (saved.parent / "summary.json").exists()):
+        return []
+    old = OmegaConf.load(saved)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    adopted = []
+    for key, value in job_cls.saved_before.items():
+        if key not in given and OmegaConf.select(old, key, default=None) is None:
+            OmegaConf.update(cfg, key, value, merge=False)
+            adopted.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if adopted:
+        log.info("%s was saved before %s existed: resuming it as it was trained (%s)", saved.parent,
+                 ", ".join(o.split("=")[0] for o in adopted), " ".join(adopted))
+    return adopted
 
 
 def choose_lanes(cfg: DictConfig, data_world: int) -> int:
@@ -163,8 +187,8 @@ def _saved_with_new_defaults(saved: Path, prepared: Prepared) -> DictConfig:
 
 
 def _saved_before_hint(saved: Path, prepared: Prepared, changed: list[str]) -> str:
-    """For keys the run's config.yaml predates and whose default has changed since (Job.saved_before):
-    the overrides that resume it as it was trained."""
+    """For keys the run's config.yaml predates and whose default has changed since (Job.saved_before),
+    set otherwise on the command line: the values the run was trained with."""
     old = OmegaConf.load(saved)
     keys = [key for key in changed if key in prepared.job.saved_before
             and OmegaConf.select(old, key, default=None) is None]
@@ -173,7 +197,7 @@ def _saved_before_hint(saved: Path, prepared: Prepared, changed: list[str]) -> s
     values = " ".join(f"{key}={str(v).lower() if isinstance(v, bool) else v}"
                       for key, v in ((key, prepared.job.saved_before[key]) for key in keys))
     return (f". {saved} predates {', '.join(keys)}, whose defaults have changed since: the run was trained with "
-            f"{values}; add those overrides to resume it as it was")
+            f"{values}, which a resume without these keys on the command line takes")
 
 
 def continuation_notice(prepared: Prepared) -> str:

@@ -130,9 +130,9 @@ def test_t2i_on_shapes_with_its_own_geometry(tmp_path):
 def test_a_run_saved_before_the_architecture_defaults_changed_resumes_as_it_was(tmp_path):
     """config.yaml written before model.qk_norm / cross_norm / conv_out / qkv_bias / time_mlp
     existed: that run had query/key norm, the cross-attention norm, U-ViT's qkv bias and time MLP,
-    and no U-ViT output conv. Resuming it with today's
-    defaults is refused with the overrides that resume it as it was; with them it resumes, and
-    its config reads as the old architecture wherever a saved run is loaded (ppd's base model)."""
+    and no U-ViT output conv. It resumes as that model (a key set otherwise on the command line is
+    refused, naming the value it was trained with), and its config reads as that model wherever a
+    saved run is loaded (ppd's base model), so its weights load strictly."""
     from omegaconf import OmegaConf
 
     from scaleyard.jobs.ppd.sources import base_config
@@ -152,10 +152,16 @@ def test_a_run_saved_before_the_architecture_defaults_changed_resumes_as_it_was(
     OmegaConf.save(saved, run_dir / "config.yaml")
     old = ["model.qk_norm=true", "model.cross_norm=true", "model.conv_out=false", "model.qkv_bias=true",
            "model.time_mlp=true"]
-    with pytest.raises(ConfigError, match="trained with model.conv_out=false model.cross_norm=true "
-                                          "model.qk_norm=true model.qkv_bias=true model.time_mlp=true; add those"):
-        check_run_dir(prepare("t2i", args, preset="tiny"))
+    resumed = prepare("t2i", args, preset="tiny")
+    assert check_run_dir(resumed) == "resume"  # as it was trained, without a word from the user
+    assert set(old) <= set(resumed.overrides)  # child processes and requeued jobs see the same model
+    assert resumed.cfg.model.qk_norm and not resumed.cfg.model.conv_out
+    with pytest.raises(ConfigError, match=r"keys model.qk_norm\).*trained with model.qk_norm=true"):
+        check_run_dir(prepare("t2i", [*args, "model.qk_norm=false"], preset="tiny"))  # asked for another model
     assert check_run_dir(prepare("t2i", [*args, *old], preset="tiny")) == "resume"
+    fresh = prepare("t2i", t2i_args(tmp_path / "data", tmp_path / "new", "model.preset=uvit-cpu-xs")[4:],
+                    preset="tiny")
+    assert not fresh.cfg.model.qk_norm and fresh.cfg.model.conv_out  # a new run: the reference defaults
     denoiser, _ = model_configs(base_config(run_dir))
     assert denoiser.qk_norm and denoiser.cross_norm and not denoiser.conv_out and denoiser.qkv_bias
     model = build_model(denoiser)  # the old checkpoint's keys: no conv, a qkv bias and a time MLP
