@@ -301,62 +301,9 @@ def cmd_data_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_job_name(run: Path) -> str:
-    """The job of a run folder: its summary.json, else the folder layout runs/<job>/<time>."""
-    from scaleyard.platform.job import registry
-
-    summary = run / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text())["job"]
-    if run.absolute().parent.name in registry():
-        return run.absolute().parent.name
-    raise ValueError(f"cannot tell which job wrote {run} (no summary.json yet); pass --job NAME")
-
-
-def _parse_targets(items: list[str]) -> dict[str, float]:
-    targets: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            targets[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"--target {item!r}: expected PROPERTY=NUMBER, e.g. --target gap=0.25") from None
-    return targets
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from scaleyard.platform.job import SampleRequest, get_job
-    from scaleyard.platform.weights import load_run_weights
-
-    targets = _parse_targets(args.target or [])  # a malformed --target fails before any weights load
-    run = Path(args.run)
-    config_file = run / "config.yaml"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} does not exist: RUN must be a run folder written by `scaleyard run`")
-    job_cls = get_job(args.job or _run_job_name(run))
-    cfg = OmegaConf.merge(OmegaConf.structured(job_cls.Config), OmegaConf.load(config_file))
-    if not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("step_*/meta.json")):
-        raise FileNotFoundError(f"{run}/checkpoints holds no complete checkpoint; train the run first "
-                                f"(`scaleyard run {job_cls.name} run.dir={run}`)")
-    loaded = load_run_weights(run)  # any engine's checkpoint; EMA weights when the run kept them
-    impute = tuple(c.strip() for c in args.impute.split(",") if c.strip()) if args.impute else ()
-    request = SampleRequest(out=Path(args.out), rows=args.rows or 0, seed=args.seed, impute=impute,
-                            known=args.known or "", target=targets, prompt=args.prompt or "",
-                            shots=args.shots or "")
-    try:
-        summary = job_cls().write_samples(cfg, loaded.weights, loaded.job_state, request)
-    except NotImplementedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({"run": str(run), "step": loaded.step, "ema": loaded.ema, "out": args.out, **summary}))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from scaleyard.platform.cli_sample import add_sample_parser
+
     parser = argparse.ArgumentParser(prog="scaleyard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -474,21 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read image headers only (faster; corrupt pixel data is then found, and skipped, in training)")
     x.set_defaults(func=cmd_data_index)
 
-    sample = sub.add_parser("sample", help="generate from a trained run (latest checkpoint, EMA weights)")
-    sample.add_argument("run", help="a run folder (holds config.yaml and checkpoints/)")
-    sample.add_argument("--out", required=True, help="output file, e.g. rows.csv or rows.parquet")
-    sample.add_argument("--rows", type=int, default=None, help="rows to generate (with --impute: at most this many)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--impute", default=None, help="columns to fill in, COL[,COL]; the others come from --known")
-    sample.add_argument("--known", default=None, help="known rows: a .csv/.parquet file or a split folder")
-    sample.add_argument("--target", action="append", default=None, metavar="PROP=VALUE",
-                        help="guide samples toward a property value (repeatable; jobs with guidance, e.g. tfg_flow)")
-    sample.add_argument("--prompt", "--question", dest="prompt", default=None,
-                        help="what to generate for: a caption (ppd) or a question (fspo)")
-    sample.add_argument("--shots", default=None,
-                        help="a JSON file of one user's examples (fspo: shots; ppd: preference pairs)")
-    sample.add_argument("--job", default=None, help="the run's job, when the folder cannot tell (no summary.json)")
-    sample.set_defaults(func=cmd_sample)
+    add_sample_parser(sub)
     return parser
 
 

@@ -121,6 +121,9 @@ class Job:
     name: ClassVar[str]
     Config: ClassVar[type]
     trains: ClassVar[bool] = True
+    # the sampling job (trains = False) that `scaleyard sample RUN` launches for this job's runs,
+    # through the launch path of every run; "" : `write_samples` in the calling process
+    sample_job: ClassVar[str] = ""
     # Config keys whose default changed what a run does, with the value every run saved before
     # the key existed had (e.g. an architecture default brought in line with a reference): a saved
     # config without the key reads as that value, not as the new default (`saved_config`).

@@ -31,6 +31,7 @@ from scaleyard.platform.config import (
 from scaleyard.platform.distributed import DistEnv, destroy_process_group, env_from_os
 from scaleyard.platform.engines import check_engine, data_world_size
 from scaleyard.platform.job import Job, get_job, saved_config
+from scaleyard.platform.sampling import has_samples
 from scaleyard.platform.stages import STAGES_DIR, prepare_stages, run_stages
 from scaleyard.platform.tract import check_tract
 
@@ -159,7 +160,7 @@ def check_run_dir(prepared: Prepared) -> str:
     changed = [k for k in differing_keys(_saved_with_new_defaults(saved, prepared), prepared.cfg)
                if k not in RESUMABLE_CHANGES]
     if changed:
-        if not has_checkpoint(run_dir):
+        if not has_checkpoint(run_dir) and not has_samples(run_dir):
             log.info("%s has no checkpoint yet (an earlier start failed): starting it anew with the changed "
                      "keys %s", run_dir, ", ".join(changed))
             return "new"
@@ -169,7 +170,7 @@ def check_run_dir(prepared: Prepared) -> str:
         )
     summary = read_summary(run_dir) if (run_dir / "summary.json").exists() else None
     if summary is None:
-        return "resume" if has_checkpoint(run_dir) else "new"
+        return "resume" if has_checkpoint(run_dir) or has_samples(run_dir) else "new"
     if prepared.job.trains and int(summary.get("step", 0)) < prepared.cfg.train.steps:
         return "continue"
     return "finished"

@@ -13,6 +13,16 @@ from scaleyard.platform.distributed import DistEnv, init_process_group, pick_dev
 from scaleyard.platform.job import Context, Job
 from scaleyard.platform.trainer import seed_everything
 
+# Where sampling jobs write what they draw: a run folder holding files here has started, so its
+# config may no longer change (launch.check_run_dir), as a training run's may not once it has a
+# checkpoint.
+SAMPLES_DIR = "samples"
+
+
+def has_samples(run_dir: Path) -> bool:
+    folder = run_dir / SAMPLES_DIR
+    return folder.is_dir() and any(folder.iterdir())
+
 
 def run_sampling(job: Job, cfg: DictConfig, env: DistEnv) -> dict:
     seed_everything(cfg.run.seed + env.rank)

@@ -137,6 +137,7 @@ class TextToImage(nn.Module):
 class TextToImageJob(Job):
     name = "t2i"
     Config = Config
+    sample_job = "image_sample"  # `scaleyard sample RUN`: jobs/image_sample/
     # runs saved before these keys existed trained the old architecture (models/diffusion/transformer.py,
     # SAVED_BEFORE): they resume, sample and fine-tune as that, not as today's defaults
     saved_before = {f"model.{key}": value for key, value in SAVED_BEFORE.items()}
