@@ -43,6 +43,10 @@ class TabDiffConfig:
     eps_min: float = 1e-5
     column_dropout: float = 0.1  # share of rows whose columns are partly dropped: the guidance branch
     quantiles: int = 1000
+    # Deviations from the reference denoiser (MinkaiXu/TabDiff UniModMLP), off by default (issue #17):
+    mid_residual: bool = False  # tokens + MLP(...) around the middle MLP (reference: MLP output alone)
+    extra_norms: bool = False  # LayerNorm before the first block's attention and before the heads
+    mid_input_silu: bool = False  # SiLU on proj(x) + time before the MLP's first linear layer
 
     def __post_init__(self) -> None:
         self.categories = tuple(int(k) for k in self.categories)
@@ -180,11 +184,13 @@ class ColumnTokenizer(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block over the column tokens."""
+    """Pre-norm transformer block over the column tokens. Without `attn_norm` the attention sees
+    its input as is (the reference's first block: its tokens come straight from the tokenizer)."""
 
-    def __init__(self, dim: int, heads: int, ffn_factor: int):
+    def __init__(self, dim: int, heads: int, ffn_factor: int, attn_norm: bool = True):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim) if attn_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, qk_norm=False)
         self.ffn = nn.Sequential(nn.Linear(dim, dim * ffn_factor), nn.ReLU(), nn.Linear(dim * ffn_factor, dim))
 
@@ -202,15 +208,19 @@ class Denoiser(nn.Module):
         d, width, n = cfg.d_token, cfg.dim_t, cfg.columns
         self.num_numerical, self.categories = cfg.num_numerical, cfg.categories
         self.tokenizer = ColumnTokenizer(cfg.num_numerical, cfg.categories, d)
-        self.encoder = nn.ModuleList(Block(d, cfg.heads, cfg.ffn_factor) for _ in range(cfg.layers))
+        # the reference's Transformer has no norm0 in its first layer (in encoder and decoder alike)
+        self.encoder = nn.ModuleList(Block(d, cfg.heads, cfg.ffn_factor, attn_norm=i > 0 or cfg.extra_norms)
+                                     for i in range(cfg.layers))
         self.proj = nn.Linear(n * d, width)
         self.time = TimestepEmbedding(width)
+        self.mid_residual = cfg.mid_residual
         self.mlp = nn.Sequential(
-            nn.SiLU(), nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width), nn.SiLU(),
-            nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, n * d),
+            nn.SiLU() if cfg.mid_input_silu else nn.Identity(), nn.Linear(width, 2 * width), nn.SiLU(),
+            nn.Linear(2 * width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, n * d),
         )  # fmt: skip
-        self.decoder = nn.ModuleList(Block(d, cfg.heads, cfg.ffn_factor) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(d)
+        self.decoder = nn.ModuleList(Block(d, cfg.heads, cfg.ffn_factor, attn_norm=i > 0 or cfg.extra_norms)
+                                     for i in range(cfg.layers))
+        self.norm = nn.LayerNorm(d) if cfg.extra_norms else nn.Identity()
         bound = 1 / math.sqrt(d)
         if cfg.num_numerical:
             self.num_head = nn.Parameter(torch.empty(cfg.num_numerical, d).uniform_(-bound, bound))
@@ -229,7 +239,8 @@ class Denoiser(nn.Module):
         for block in self.encoder:
             h = block(h)
         z = self.proj(h.flatten(1)) + self.time(t)
-        h = h + self.mlp(z).view_as(h)  # the skip keeps each column's token in reach of its head
+        # with mid_residual the skip keeps each column's token in reach of its head
+        h = h + self.mlp(z).view_as(h) if self.mid_residual else self.mlp(z).view_as(h)
         for block in self.decoder:
             h = block(h)
         h = self.norm(h)

@@ -302,3 +302,44 @@ def test_sample_reads_a_zero3_run(tmp_path, tables):
     loaded = load_run_weights(run_dir, ema=False)
     _, digest = export(run_dir, out=tmp_path / "w.safetensors")
     assert weights_sha256(loaded.weights) == digest == summary(run_dir)["weights_sha256"]
+
+
+def test_a_run_saved_before_the_reference_denoiser_resumes_as_it_was_trained(tmp_path, tables):
+    """config.yaml written before model.mid_residual / extra_norms / mid_input_silu and eval.val_share
+    existed: that run's denoiser had all three deviations and it trained on every train row. It
+    resumes as that (a key set otherwise is refused, naming the value it had), and the config that
+    sample and export read builds that model, whose weights today's defaults would not take."""
+    from omegaconf import OmegaConf
+
+    from scaleyard.jobs.tabdiff.job import model_config
+    from scaleyard.platform.config import ConfigError
+    from scaleyard.platform.job import saved_config
+    from scaleyard.platform.launch import check_run_dir
+
+    adult, run_dir = tables / "adult", tmp_path / "old"
+    args = run_args(adult, run_dir)[4:]
+    write_config(prepare("tabdiff", args, preset="tiny"))
+    (run_dir / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000010" / "meta.json").write_text("{}")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("mid_residual", "extra_norms", "mid_input_silu"):
+        del saved.model[key]
+    del saved.eval["val_share"]
+    OmegaConf.save(saved, run_dir / "config.yaml")
+    old = ["model.mid_residual=true", "model.extra_norms=true", "model.mid_input_silu=true", "eval.val_share=0.0"]
+    resumed = prepare("tabdiff", args, preset="tiny")
+    assert check_run_dir(resumed) == "resume" and set(old) <= set(resumed.overrides)
+    with pytest.raises(ConfigError, match=r"trained with model.mid_residual=true"):
+        check_run_dir(prepare("tabdiff", [*args, "model.mid_residual=false"], preset="tiny"))
+
+    schema = schema_of(load_index(adult / "train"))
+    cfg = saved_config(TabDiffJob, OmegaConf.load(run_dir / "config.yaml"))  # what sample and export read
+    assert cfg.eval.val_share == 0.0
+    before = TabDiff(model_config(cfg, schema))
+    denoiser = before.denoiser
+    assert denoiser.mid_residual and isinstance(denoiser.mlp[0], torch.nn.SiLU)
+    assert isinstance(denoiser.norm, torch.nn.LayerNorm) and isinstance(denoiser.encoder[0].norm1, torch.nn.LayerNorm)
+    fresh = prepare("tabdiff", run_args(adult, tmp_path / "new")[4:], preset="tiny").cfg
+    assert not fresh.model.mid_residual and fresh.eval.val_share == 0.1  # a new run: the reference's denoiser
+    with pytest.raises(RuntimeError, match="Unexpected key.*norm"):
+        TabDiff(model_config(fresh, schema)).load_state_dict(before.state_dict())

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -22,7 +23,16 @@ from torch import nn
 from scaleyard.data_loaders.decoders import TableDecoder
 from scaleyard.data_loaders.index import DataError, load_index
 from scaleyard.data_loaders.pipeline import ShardStream, stack
-from scaleyard.jobs.tabdiff.table import Schema, read_rows, read_split, schema_of, to_frame, write_rows
+from scaleyard.jobs.tabdiff.table import (
+    HoldoutDecoder,
+    Schema,
+    read_rows,
+    read_split,
+    read_split_holdout,
+    schema_of,
+    to_frame,
+    write_rows,
+)
 from scaleyard.models.tabdiff import SCHEDULES, TabDiff, TabDiffConfig, flops_per_sample
 from scaleyard.models.tabdiff_sampling import SamplerConfig, impute, sample
 from scaleyard.platform.config import (
@@ -38,6 +48,7 @@ from scaleyard.platform.job import Context, EvalResult, Job, JobParts, SampleReq
 
 log = logging.getLogger("scaleyard")
 BASELINES = ("independent", "gaussian_copula")
+CEILING = "real held-out (ceiling)"
 
 
 @dataclass
@@ -52,6 +63,10 @@ class ModelConfig:
     quantiles: int = bounded(1000, 2)
     # the numerical loss weight falls linearly from 1 to this over train.steps (the paper anneals to 0)
     num_weight_end: float = bounded(0.0, 0.0, 1.0)
+    # deviations from the reference denoiser, off by default (models/tabdiff.py, README "TabDiff vs the reference")
+    mid_residual: bool = False
+    extra_norms: bool = False
+    mid_input_silu: bool = False
 
 
 @dataclass
@@ -67,6 +82,17 @@ class EvalConfig:
     baselines: bool = True
     batch_size: int = bounded(4096, 1)
     seed: int = 0
+    # Validation split carved from data.path (rows picked by a hash of their key, `table.is_holdout`):
+    # never trained on; evaluations before the last step score it, the last step scores the test
+    # split once (issue #17: no tuning on test). 0: no validation split, earlier evaluations only
+    # check the rows.
+    val_share: float = bounded(0.1, 0.0, 0.5)
+    val_seed: int = 0
+    # the paper's protocol (paper_metrics.py) in the final report, for TabDiff, baselines and a
+    # held-out real ceiling; paper_rows 0: as many synthetic rows as train rows, as the paper
+    paper_metrics: bool = True
+    paper_rows: int = bounded(0, 0)
+    mle_grid: str = choice("paper", ("paper", "quick"))
 
 
 @dataclass
@@ -81,7 +107,9 @@ def model_config(cfg: DictConfig, schema: Schema) -> TabDiffConfig:
     try:
         return TabDiffConfig(num_numerical=len(schema.numerical), categories=schema.categories, d_token=m.d_token,
                              layers=m.layers, heads=m.heads, ffn_factor=m.ffn_factor, dim_t=m.dim_t,
-                             schedule=m.schedule, column_dropout=m.column_dropout, quantiles=m.quantiles)
+                             schedule=m.schedule, column_dropout=m.column_dropout, quantiles=m.quantiles,
+                             mid_residual=m.mid_residual, extra_norms=m.extra_norms,
+                             mid_input_silu=m.mid_input_silu)
     except ValueError as err:
         raise ConfigError(f"config section 'model': {err}") from None
 
@@ -94,6 +122,11 @@ def sampler_config(cfg: DictConfig) -> SamplerConfig:
 class TabDiffJob(Job):
     name = "tabdiff"
     Config = Config
+    # Runs saved before these keys existed trained the denoiser with all three deviations (they were
+    # the only model then) on every train row (no validation split): they resume, sample and export
+    # as they were trained, not as today's defaults (platform/job.py saved_config)
+    saved_before = {"model.mid_residual": True, "model.extra_norms": True, "model.mid_input_silu": True,
+                    "eval.val_share": 0.0}
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
         if not cfg.data.path:
@@ -109,18 +142,25 @@ class TabDiffJob(Job):
         self.cfg, self.ctx = cfg, ctx
         index = load_index(cfg.data.path)
         self.schema = schema_of(index)
-        stream = ShardStream(index, stream_config(cfg), decode=TableDecoder(self.schema.columns), collate=stack,
+        share, self.val_salt = cfg.eval.val_share, f"tabdiff-val-{cfg.eval.val_seed}"
+        decode = HoldoutDecoder(self.schema.columns, share, self.val_salt) if share > 0 else TableDecoder(
+            self.schema.columns)
+        stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
                              batch_per_rank=batch_per_rank(cfg, ctx.data_world_size), rank=ctx.data_rank,
                              world_size=ctx.data_world_size, required=("json",))
         # The whole split in its fixed order, on every rank: the fitted transform is then the
         # same everywhere without a collective.
-        self.train_num, self.train_cat = read_split(index, self.schema)
+        # validation rows are left out of everything fitted: the transform, the class priors, the stream
+        self.train_num, self.train_cat, self.val_num, self.val_cat = (
+            read_split_holdout(index, self.schema, share, self.val_salt) if share > 0
+            else (*read_split(index, self.schema), None, None))
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed)
             model = TabDiff(model_config(cfg, self.schema))
         model.fit_preprocessing(self.train_num.numpy(), self.train_cat.numpy())
         self.micro_batches = 0
         self._baselines: dict[str, dict[str, float]] | None = None
+        self._baselines_split = ""
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
         return JobParts(model=model, train_data=stream)
 
@@ -130,54 +170,97 @@ class TabDiffJob(Job):
         self.micro_batches += 1
         num_weight = 1.0 - (1.0 - self.cfg.model.num_weight_end) * progress
         device = self.ctx.device
-        loss, metrics = model(batch["numeric"].to(device), batch["categorical"].to(device), num_weight)
+        numeric, categorical = batch["numeric"], batch["categorical"]
+        if "holdout" in batch:  # validation rows never train
+            keep = ~batch["holdout"]
+            if not bool(keep.any()):
+                # a micro-batch of validation rows only: the forward still runs (DDP's gradient hooks
+                # expect it on every rank), its loss times 0 teaches nothing
+                loss, _ = model(numeric.to(device), categorical.to(device), num_weight)
+                return loss * 0.0, {"num_weight": num_weight}
+            numeric, categorical = numeric[keep], categorical[keep]
+        loss, metrics = model(numeric.to(device), categorical.to(device), num_weight)
         return loss, {**metrics, "num_weight": num_weight}
 
     def evaluate(self, model: TabDiff, step: int) -> EvalResult:
         # the Trainer isolates every RNG around evaluation, so sampling here never changes training
         cfg, schema, device = self.cfg, self.schema, self.ctx.device
         started = time.perf_counter()
-        test_num, test_cat = self._test_split()
-        rows = cfg.eval.rows or (len(test_cat) if test_cat is not None else len(self.train_cat))
+        final = step >= cfg.train.steps
+        # the test split is scored once, at the end; earlier evaluations see the validation split
+        real_num, real_cat = self._test_split() if final else (self.val_num, self.val_cat)
+        split = "test" if final else "validation"
+        rows = cfg.eval.rows or (len(real_cat) if real_cat is not None else len(self.train_cat))
         generator = torch.Generator(device=device).manual_seed(cfg.eval.seed)
         syn_num, syn_cat = sample(model, rows, sampler_config(cfg), generator, device)
         metrics = check_rows(syn_num, syn_cat, self.train_num, schema)
         metrics["sample_seconds"] = time.perf_counter() - started
-        if not cfg.eval.metrics or test_cat is None:
+        if not cfg.eval.metrics or real_cat is None or len(real_cat) == 0:
             return EvalResult(metrics=metrics)
 
         from scaleyard.jobs.tabdiff.metrics import evaluate_synthetic
 
         train = to_frame(self.train_num, self.train_cat, schema)
-        test = to_frame(test_num, test_cat, schema)
+        test = to_frame(real_num, real_cat, schema)
         synthetic = to_frame(syn_num, syn_cat, schema)
         scores = evaluate_synthetic(train, test, synthetic, list(schema.columns), schema.target, cfg.eval.seed)
-        impute_score = self._imputation_auc(model, test_num, test_cat, generator)
+        impute_score = self._imputation_auc(model, real_num, real_cat, generator)
         if impute_score is not None:
             scores["imputation_auc"] = impute_score
         results = {"tabdiff": scores}
         if cfg.eval.baselines:
-            results.update(self._baseline_results(train, test, rows))
+            results.update(self._baseline_results(train, test, rows, split))
         metrics.update(scores)
         for method, values in results.items():
             if method != "tabdiff":
                 metrics.update({f"{method}/{k}": v for k, v in values.items()})
-        metrics["eval_seconds"] = time.perf_counter() - started
         text = {}
-        if step == cfg.train.steps:
+        if final:
+            paper = self._paper_results(model, train, test, generator) if cfg.eval.paper_metrics else None
+            if paper:
+                metrics.update({f"paper/{k}": v for k, v in paper["tabdiff"].items()})
+            metrics["eval_seconds"] = time.perf_counter() - started
             from scaleyard.jobs.tabdiff.report import write_report
 
+            val_rows = 0 if self.val_cat is None else len(self.val_cat)
             context = {"dataset": cfg.data.path, "rows": rows, "seed": cfg.eval.seed, "step": step,
                        "command": " ".join(["scaleyard", *sys.argv[1:]]),
                        "params": sum(p.numel() for p in model.parameters()),
-                       "train_rows": len(self.train_cat), "test_rows": len(test_cat),
+                       "train_rows": len(self.train_cat), "test_rows": len(real_cat),
+                       "validation": f"{val_rows} train rows held out (eval.val_share={cfg.eval.val_share}, "
+                                     f"rule: CRC-32 of '{self.val_salt}/<key>'); never trained on, "
+                                     "scored by every evaluation before the last; test scored once, here",
                        "schedule": cfg.model.schedule, "sampler_steps": cfg.eval.steps,
+                       "batch_size": cfg.train.batch_size, "deviations": deviations(cfg),
+                       "model_deviations": model_deviations(cfg),
                        "eval_seconds": round(metrics["eval_seconds"], 1)}
             path = self.ctx.run_dir / "report.md"
-            write_report(path, results, context)
+            write_report(path, results, context, paper=paper)
             text["report"] = path.read_text()
             log.info("wrote %s", path)
+        metrics["eval_seconds"] = time.perf_counter() - started
         return EvalResult(metrics=metrics, text=text)
+
+    def _paper_results(self, model: TabDiff, train, test, generator: torch.Generator) -> dict[str, dict[str, float]]:
+        """The paper's protocol (paper_metrics.evaluate_paper) for TabDiff, both baselines and the
+        ceiling: half the test rows scored as if synthetic, the other half their MLE/DCR test set."""
+        from scaleyard.jobs.tabdiff.baselines import GaussianCopula, IndependentMarginals
+        from scaleyard.jobs.tabdiff.paper_metrics import evaluate_paper
+
+        cfg, schema = self.cfg, self.schema
+        columns, target, seed = list(schema.columns), schema.target, cfg.eval.seed
+        rows = cfg.eval.paper_rows or len(train)
+        nums, cats = sample(model, rows, sampler_config(cfg), generator, self.ctx.device)
+        tables = {"tabdiff": to_frame(nums, cats, schema)}
+        for name, baseline in zip(BASELINES, (IndependentMarginals(), GaussianCopula(seed))):
+            tables[name] = baseline.fit(train, columns).sample(rows, seed)
+        out = {name: evaluate_paper(train, test, table, columns, target, seed, mle_grid=cfg.eval.mle_grid)
+               for name, table in tables.items()}
+        order = np.random.default_rng(seed).permutation(len(test))
+        half = len(test) // 2
+        out[CEILING] = evaluate_paper(train, test.iloc[order[half:]], test.iloc[order[:half]], columns, target,
+                                      seed, mle_grid=cfg.eval.mle_grid)
+        return out
 
     def _test_split(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.cfg.data.eval_path:
@@ -214,9 +297,11 @@ class TabDiffJob(Job):
             log.warning("imputation AUC skipped: %s", err)
             return None
 
-    def _baseline_results(self, train, test, rows: int) -> dict[str, dict[str, float]]:
-        """Both baselines scored like TabDiff; they do not change during training: computed once."""
-        if self._baselines is None:
+    def _baseline_results(self, train, test, rows: int, split: str) -> dict[str, dict[str, float]]:
+        """Both baselines scored like TabDiff; they do not change during training: computed once
+        per evaluation split."""
+        if self._baselines is None or self._baselines_split != split:
+            self._baselines_split = split
             from scaleyard.jobs.tabdiff.baselines import GaussianCopula, IndependentMarginals
             from scaleyard.jobs.tabdiff.metrics import evaluate_synthetic
 
@@ -322,6 +407,24 @@ class TabDiffJob(Job):
                 out[name] = imputed[name]
         out = out[schema.names + [c for c in out.columns if c not in schema.names]]
         return out, check_rows(result.numerical, result.categorical, None, schema)
+
+
+def model_deviations(cfg: DictConfig) -> str:
+    """This run's departures from the reference's denoiser and loss, "" when there are none."""
+    m = cfg.model
+    out = [f"model.{name}" for name in ("mid_residual", "extra_norms", "mid_input_silu") if m[name]]
+    if m.num_weight_end != 0:
+        out.append(f"numerical loss annealed to {m.num_weight_end} (reference: 0)")
+    return ", ".join(out)
+
+
+def deviations(cfg: DictConfig) -> str:
+    """Every departure of this run from the reference's model and training (README: "TabDiff vs the
+    reference"); the last two are the same for every run."""
+    out = [model_deviations(cfg)] if model_deviations(cfg) else []
+    out.append("per-column-dropout guidance model (reference: a separate target-only model)")
+    out.append("EMA and LR schedule per step (reference: per epoch, ReduceLROnPlateau)")
+    return ", ".join(out)
 
 
 def check_rows(nums: torch.Tensor, cats: torch.Tensor, train_num: torch.Tensor | None,

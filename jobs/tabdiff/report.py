@@ -65,11 +65,14 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_report(path: Path, results: dict[str, dict[str, float]], context: dict[str, Any]) -> None:
+def write_report(path: Path, results: dict[str, dict[str, float]], context: dict[str, Any],
+                 paper: dict[str, dict[str, float]] | None = None) -> None:
     """Write `path` (markdown) and the same content as JSON beside it (`path` with suffix .json).
 
     `results` maps a method (e.g. "tabdiff", "independent", "gaussian_copula", "real (train vs test)")
     to its metrics; `context` holds dataset, rows, seed, step, command and anything else worth keeping.
+    `paper` (optional): the same methods scored by the paper's protocol (paper_metrics.evaluate_paper),
+    written as a second table beside the paper's published numbers.
     """
     path = Path(path)
     if not results:
@@ -86,6 +89,10 @@ def write_report(path: Path, results: dict[str, dict[str, float]], context: dict
     for metric in metrics:
         by_direction.setdefault(DIRECTION.get(metric, "informational"), []).append(metric)
     lines.append("Better: " + "; ".join(f"**{d}**: {', '.join(names)}" for d, names in by_direction.items()) + ".")
+    if paper:
+        from scaleyard.jobs.tabdiff.paper_report import paper_section
+
+        lines += [""] + paper_section(paper, context)
     lines += ["", "## Metrics", ""]
     for metric in metrics:
         meaning = MEANING.get(metric) or MEANING.get(metric.rsplit("_", 1)[0], "")
@@ -99,5 +106,6 @@ def write_report(path: Path, results: dict[str, dict[str, float]], context: dict
         shown = f"`{value}`" if key == "command" else _cell(value) if isinstance(value, float) else value
         lines.append(f"- {key}: {shown}")
     path.write_text("\n".join(lines) + "\n")
-    body = {"results": results, "context": context, "direction": {m: DIRECTION.get(m) for m in metrics}}
+    body = {"results": results, "paper_protocol": paper or {}, "context": context,
+            "direction": {m: DIRECTION.get(m) for m in metrics}}
     path.with_suffix(".json").write_text(json.dumps(_jsonable(body), indent=1) + "\n")

@@ -4,6 +4,7 @@ splits read in a fixed order, and tensors <-> pandas DataFrames with the origina
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,41 @@ def read_split(index: ShardIndex, schema: Schema, limit: int = 0,
         nums.append(item["numeric"].double())
         cats.append(item["categorical"])
     return torch.cat(nums), torch.cat(cats)
+
+
+def is_holdout(key: str, share: float, salt: str) -> bool:
+    """Whether the row with sample key `key` belongs to the validation split carved from train: a
+    CRC-32 of salt/key below share x 2^32. Depends on the key alone, so every rank, worker, resume
+    and re-read agrees without storing a list."""
+    return zlib.crc32(f"{salt}/{key}".encode()) < share * 2**32
+
+
+@dataclass(frozen=True)
+class HoldoutDecoder:
+    """TableDecoder plus a `holdout` flag per row (the validation split, see `is_holdout`)."""
+
+    columns: tuple[dict[str, Any], ...]
+    share: float
+    salt: str
+
+    def __call__(self, raw: dict[str, Any], position: int) -> dict[str, Any]:
+        row = TableDecoder(self.columns)(raw, position)
+        row["holdout"] = torch.tensor(is_holdout(str(raw["__key__"]), self.share, self.salt))
+        return row
+
+
+def read_split_holdout(index: ShardIndex, schema: Schema, share: float, salt: str,
+                       batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train numbers, train classes, validation numbers, validation classes) of a whole split,
+    the validation rows chosen by `is_holdout`, each part in the split's fixed order."""
+    decode = HoldoutDecoder(schema.columns, share, salt)
+    nums, cats, flags = [], [], []
+    for item in first_samples(index, decode, index.total, batch):
+        nums.append(item["numeric"].double())
+        cats.append(item["categorical"])
+        flags.append(item["holdout"])
+    num, cat, held = torch.cat(nums), torch.cat(cats), torch.cat(flags)
+    return num[~held], cat[~held], num[held], cat[held]
 
 
 def to_frame(numerical: torch.Tensor, categorical: torch.Tensor, schema: Schema) -> pd.DataFrame:
