@@ -15,6 +15,16 @@ from scaleyard.jobs.tabdiff.report import write_report
 ROWS = 3000  # per split: enough for stable pair statistics, small enough for a quick file
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """BLAS and OpenMP threads fighting over a busy 2-core machine made this file's detectors many
+    times slower than one thread (test_tabdiff_paper_metrics.py measures it)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def adult(tmp_path_factory):
     out = tmp_path_factory.mktemp("adult")
