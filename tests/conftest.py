@@ -44,7 +44,7 @@ def fmnist(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def classify_args(fmnist):
     """Overrides for a small, quick classify run on the subset."""
     return [f"data.path={fmnist}/train", f"data.eval_path={fmnist}/test", "model.width=4", "model.hidden=16",

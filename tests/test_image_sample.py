@@ -25,6 +25,15 @@ def t2i_run(fmnist, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def reader(classify_args, tmp_path_factory) -> Path:
+    """A classify run (a few steps: a reader whose answers are fixed, not good)."""
+    run = tmp_path_factory.mktemp("classify") / "run"
+    code, err = scaleyard_in_process("run", "classify", *classify_args, "train.steps=1", f"run.dir={run}")
+    assert code == 0, err
+    return run
+
+
 def pixels(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)) for p in sorted((folder / "samples").glob("*.png"))}
 
@@ -66,7 +75,29 @@ def test_a_killed_sampling_run_resumes_drawing_only_what_is_missing(t2i_run, tmp
     assert code != 0 and "different config" in err and "steps" in err
 
 
-def test_bad_input_is_refused_before_anything_is_written(t2i_run, tmp_path, classify_args):
+def test_readback_counts_the_region_and_scores_the_rest(t2i_run, reader, fmnist, tmp_path):
+    import torch
+
+    from scaleyard.jobs.classify.job import load_classifier
+    from scaleyard.jobs.image_sample.images import read_png
+
+    out = tmp_path / "read"
+    code, err = scaleyard_in_process("sample", str(t2i_run), "--out", str(out), *PROMPTS, "--n", "20", "--steps", "3",
+                                     f"readback.reader={reader}", "readback.region=label=0",
+                                     f"readback.real={fmnist}/test", "readback.real_limit=100")
+    assert code == 0, err
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    classifier = load_classifier(reader)
+    images = torch.stack([read_png(p) for p in sorted((out / "samples").glob("*.png"))])
+    with torch.no_grad():
+        predicted = classifier.out(classifier.features((images + 1) / 2)).argmax(-1)
+    assert metrics["readback_images"] == 40 and metrics["real_images"] == 100
+    assert metrics["region_share"] == pytest.approx(float((predicted == 0).float().mean()))
+    if metrics["region_share"] < 1:
+        assert metrics["frechet_distance_rest"] > 0
+
+
+def test_bad_input_is_refused_before_anything_is_written(t2i_run, tmp_path, reader):
     # the real command line once (exit status and stderr of the installed entry point)
     missing = scaleyard("sample", str(t2i_run), "--out", str(tmp_path / "a"), "--prompts", str(tmp_path / "no.txt"))
     assert missing.returncode != 0 and "no.txt does not exist" in missing.stderr
@@ -76,11 +107,13 @@ def test_bad_input_is_refused_before_anything_is_written(t2i_run, tmp_path, clas
     code, err = scaleyard_in_process("sample", str(t2i_run), "--out", str(tmp_path / "c"), "--prompt", "x",
                                      "safe.negation=" + str(tmp_path))
     assert code != 0 and "safe.negation" in err and "index.json" in err
-    classify = tmp_path / "classify"
-    assert scaleyard_in_process("run", "classify", *classify_args, "train.steps=1", f"run.dir={classify}")[0] == 0
+    code, err = scaleyard_in_process("sample", str(t2i_run), "--out", str(tmp_path / "f"), "--prompt", "x",
+                                     f"readback.reader={reader}", "readback.region=color=red")
+    assert code != 0 and "readback.region" in err and "label=K" in err
+    classify = reader
     code, err = scaleyard_in_process("run", "image_sample", f"source={classify}", "prompts=[x]",
                                      f"run.dir={tmp_path / 'd'}")
     assert code != 0 and "is a run of job 'classify', not t2i" in err
     code, err = scaleyard_in_process("sample", str(classify), "--out", str(tmp_path / "e"), "--steps", "4")
     assert code != 0 and "--steps: only for runs of jobs with a sampling job" in err
-    assert not any((tmp_path / name).exists() for name in "abcde")
+    assert not any((tmp_path / name).exists() for name in "abcdef")

@@ -28,7 +28,7 @@ def write_png(pixels: np.ndarray, path: Path) -> None:
 
 def read_png(path: Path) -> torch.Tensor:
     """A written sample back as [C, H, W] in [-1, 1]."""
-    pixels = np.asarray(Image.open(path))
+    pixels = np.array(Image.open(path))  # a writable copy: torch refuses to wrap read-only arrays
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaleyard.jobs.image_sample.images import image_path, to_uint8, write_grid, write_png
 from scaleyard.jobs.image_sample.negation import check_negation, load_negation
+from scaleyard.jobs.image_sample.readback import ReadbackConfig, check_readback, readback
 from scaleyard.jobs.t2i.loading import load_t2i, t2i_config
 from scaleyard.models.diffusion import flow
 from scaleyard.models.diffusion.safe_denoiser import PAPER_SCALE, PAPER_WINDOW, SafeDenoiser
@@ -76,6 +77,7 @@ class Config:
     grid: int = bounded(64, 0)  # images in grid.png
     srds: SrdsConfig = field(default_factory=SrdsConfig)
     safe: SafeConfig = field(default_factory=SafeConfig)
+    readback: ReadbackConfig = field(default_factory=ReadbackConfig)
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -118,6 +120,7 @@ class ImageSampleJob(Job):
             if len(cfg.safe.window) != 2 or not 0 <= cfg.safe.window[0] <= cfg.safe.window[1] <= 1:
                 raise ConfigError(f"config key 'safe.window': {list(cfg.safe.window)} is not [start, end] "
                                   "with 0 <= start <= end <= 1")
+        check_readback(cfg)
 
     def sample(self, cfg: DictConfig, ctx: Context) -> dict[str, float]:
         started = time.perf_counter()
@@ -149,6 +152,8 @@ class ImageSampleJob(Job):
                            srds_sequential_steps=stats["sequential_steps"] / stats["batches"])
         if ctx.rank == 0:
             self._write_summary_files(cfg, ctx.run_dir, prompts, total, guidance, loaded)
+            if cfg.readback.reader:  # every image of the run, also those drawn before a restart
+                metrics.update(readback(cfg, [image_path(out, k) for k in range(total)], ctx.device))
         return metrics
 
     def _draw(self, cfg: DictConfig, model: Any, captions: list[str], noise: torch.Tensor, guidance: float,

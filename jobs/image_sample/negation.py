@@ -40,6 +40,12 @@ def check_negation(path: str, select: str) -> None:
 def load_negation(path: str, select: str, limit: int, scan: int = 20_000) -> torch.Tensor:
     """Up to `limit` selected images of the split, in [-1, 1] as the sampler's data, [M, C, H, W]."""
     check_negation(path, select)
+    return load_selected(path, select, limit, scan=scan)
+
+
+def load_selected(path: str, select: str, limit: int, outside: bool = False, scan: int = 20_000) -> torch.Tensor:
+    """Up to `limit` images of the split that match `select` (with `outside`: that do not), in
+    [-1, 1], [M, C, H, W]."""
     index = load_index(path)
     image_field = "image.npy" if "image.npy" in index.schema else "image.png"
     parts: list = [ImageDecoder(field=image_field, symmetric=True)]
@@ -56,10 +62,12 @@ def load_negation(path: str, select: str, limit: int, scan: int = 20_000) -> tor
             keep = [str(meta.get(field)) == value for meta in batch["meta"]]
         else:
             keep = [True] * len(batch["image"])
+        keep = [kept != outside for kept in keep]
         chosen.extend(image for image, kept in zip(batch["image"], keep) if kept)
         if len(chosen) >= limit:
             break
     if not chosen:
-        raise ConfigError(f"config key 'safe.select': no image of {path} matches {select!r} in its first {scan} "
+        which = "lies outside" if outside else "matches"
+        raise ConfigError(f"config key 'safe.select': no image of {path} {which} {select!r} in its first {scan} "
                           "samples")
     return torch.stack(chosen[:limit])
