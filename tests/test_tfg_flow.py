@@ -71,7 +71,8 @@ def summary(run_dir):
 def test_predictors_flow_report_sampling_guidance_and_exact_resume(qm9, tmp_path):
     # one command: the guidance predictor and the oracle are trained first (stages), then the flow
     flow = tmp_path / "flow"
-    args = tiny(qm9, flow, "guidance.predictor_stage=tiny_predictor", "guidance.properties=[gap,mu]")
+    args = tiny(qm9, flow, "guidance.predictor_stage=tiny_predictor", "guidance.properties=[gap,mu]",
+                "guidance.target_offset=1", "guidance.molecules=3")
     done = scaleyard(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     for stage, split in (("predictor", "guide"), ("oracle", "oracle")):
@@ -80,7 +81,9 @@ def test_predictors_flow_report_sampling_guidance_and_exact_resume(qm9, tmp_path
         config = OmegaConf.load(flow / "stages" / stage / "config.yaml")
         assert config.task == "predictor" and config.data.path == f"{qm9}/{split}"
     assert OmegaConf.load(flow / "config.yaml").guidance.oracle_run == str(flow / "stages" / "oracle")
-    results = json.loads((flow / "report.json").read_text())["results"]
+    report = json.loads((flow / "report.json").read_text())
+    results = report["results"]
+    assert report["context"]["targets"].startswith("molecules 1..3 of") and results[0]["molecules"] == 3
     assert [r["property"] for r in results] == ["gap", "mu"] and "| gap |" in (flow / "report.md").read_text()
     assert all(np.isfinite(r[m]["mae"]) and 0 <= r[m]["validity"] <= 1 for r in results for m in ("guided", "unguided"))
     assert {"validity", "uniqueness", "novelty", "molecule_stability"} <= set(summary(flow)["eval"])
@@ -116,3 +119,21 @@ def test_bad_config_is_refused_before_anything_is_written(qm9, tmp_path):
     done = scaleyard(*tiny(qm9, tmp_path / "run", "guidance.predictor_stage=nope"))
     assert done.returncode != 0 and "guidance.predictor_stage" in done.stderr and "tiny_predictor" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_per_property_guidance_knobs_override_the_shared_ones_and_bad_names_are_refused():
+    from scaleyard.jobs.tfg_flow.job import Config, check_per_property, guidance_config
+    from scaleyard.platform.config import ConfigError
+
+    cfg = OmegaConf.structured(Config)
+    cfg.guidance.tau = 0.3
+    cfg.guidance.per_property = {"gap": {"tau": 0.01, "candidates": 32.0}}
+    gap, mu = guidance_config(cfg, "gap"), guidance_config(cfg, "mu")
+    assert gap.tau == 0.01 and gap.candidates == 32 and isinstance(gap.candidates, int)
+    assert mu.tau == 0.3 and mu.candidates == cfg.guidance.candidates and guidance_config(cfg).tau == 0.3
+    for bad, words in (({"weight": {"tau": 1.0}}, ["per_property.weight", "gap"]),
+                       ({"gap": {"speed": 1.0}}, ["per_property.gap.speed", "rho"])):
+        cfg.guidance.per_property = bad
+        with pytest.raises(ConfigError) as err:
+            check_per_property(cfg)
+        assert all(w in str(err.value) for w in words)

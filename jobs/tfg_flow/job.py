@@ -78,6 +78,11 @@ class GuidanceSection(GuidanceConfig):
     predictor_stage: str = ""
     properties: list[str] = field(default_factory=lambda: list(PROPERTIES))  # compared in report.md
     molecules: int = bounded(64, 1)  # per property in report.md (targets: the held-out split's values)
+    # report.md's targets: held-out molecules [target_offset, target_offset + molecules); a non-zero offset
+    # gives a tuning slice disjoint from the default scored one (the first `molecules`)
+    target_offset: int = bounded(0, 0)
+    # per-property knobs over the ones above, e.g. {gap: {tau: 0.02, rho: 0.01}} (report.md and `sample --target`)
+    per_property: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,8 +102,26 @@ def egnn_config(cfg: DictConfig, num_types: int) -> EGNNConfig:
                       layers=cfg.model.layers or size["layers"], attention=cfg.model.attention)
 
 
-def guidance_config(cfg: DictConfig) -> GuidanceConfig:
-    return GuidanceConfig(**{f.name: cfg.guidance[f.name] for f in dataclasses.fields(GuidanceConfig)})
+def guidance_config(cfg: DictConfig, prop: str | None = None) -> GuidanceConfig:
+    """The guidance knobs, with `guidance.per_property[prop]` over the shared ones."""
+    knobs = {f.name: cfg.guidance[f.name] for f in dataclasses.fields(GuidanceConfig)}
+    own = cfg.guidance.get("per_property", {}) or {}
+    if prop is not None and prop in own:
+        knobs.update(own[prop])
+    types = {f.name: type(f.default) for f in dataclasses.fields(GuidanceConfig)}  # int knobs stay ints
+    return GuidanceConfig(**{k: types[k](v) for k, v in knobs.items()})
+
+
+def check_per_property(cfg: DictConfig) -> None:
+    knobs = [f.name for f in dataclasses.fields(GuidanceConfig)]
+    for prop, values in (cfg.guidance.get("per_property", {}) or {}).items():
+        if prop not in PROPERTIES:
+            raise ConfigError(f"config key 'guidance.per_property.{prop}': unknown property {prop!r}; choose from "
+                              f"{list(PROPERTIES)}")
+        for key in values:
+            if key not in knobs:
+                raise ConfigError(f"config key 'guidance.per_property.{prop}.{key}': not a guidance knob; knobs: "
+                                  f"{knobs}")
 
 
 class TFGFlow(Job):
@@ -117,6 +140,7 @@ class TFGFlow(Job):
         unknown = [p for p in cfg.properties if p not in PROPERTIES]
         if unknown:
             raise ConfigError(f"config key 'properties': unknown {unknown}; choose from {list(PROPERTIES)}")
+        check_per_property(cfg)
         stage = cfg.guidance.predictor_stage
         if stage and cfg.task == "flow" and not (cfg.guidance.predictor_run or cfg.guidance.oracle_run):
             if stage not in self.presets():
@@ -227,18 +251,22 @@ class TFGFlow(Job):
 
         cfg = self.cfg
         predictor, oracle = load_predictor(cfg.guidance.predictor_run), load_predictor(cfg.guidance.oracle_run)
-        heldout = read_molecules(load_index(cfg.data.eval_path), cfg.guidance.molecules)
+        offset = cfg.guidance.target_offset
+        heldout = read_molecules(load_index(cfg.data.eval_path), offset + cfg.guidance.molecules)[offset:]
+        if len(heldout) < cfg.guidance.molecules:
+            raise DataError(f"config key 'guidance.target_offset': {cfg.data.eval_path} holds too few molecules for "
+                            f"{cfg.guidance.molecules} targets from molecule {offset}")
         flow = copy.deepcopy(model).cpu()  # the predictors live on the CPU; the trained model stays put
         results = []
         for prop in cfg.guidance.properties:
             targets = torch.tensor([m["properties"][prop] for m in heldout], dtype=torch.float32)
             results.append(compare(flow, self.vocabulary, self.histogram, predictor, oracle, prop, targets,
-                                   SamplerConfig(cfg.eval.steps), guidance_config(cfg), cfg.eval.seed)[0])
+                                   SamplerConfig(cfg.eval.steps), guidance_config(cfg, prop), cfg.eval.seed)[0])
             log.info("guidance %s: MAE %.4g guided vs %.4g unguided", prop, results[-1]["guided"]["mae"],
                      results[-1]["unguided"]["mae"])
         context = {"command": " ".join(["scaleyard", *sys.argv[1:]]), "flow_run": str(self.ctx.run_dir),
                    "predictor_run": cfg.guidance.predictor_run, "oracle_run": cfg.guidance.oracle_run,
-                   "targets": f"the first {len(heldout)} molecules of {cfg.data.eval_path}",
+                   "targets": f"molecules {offset}..{offset + len(heldout) - 1} of {cfg.data.eval_path}",
                    "sampler_steps": cfg.eval.steps, "guidance": OmegaConf.to_container(cfg.guidance)}
         return write_report(self.ctx.run_dir / "report", results, context)
 

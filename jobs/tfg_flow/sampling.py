@@ -28,8 +28,10 @@ from scaleyard.models.molecules.guidance import GuidanceConfig
 FORMATS = (".sdf", ".csv")
 
 
-def guidance_of(cfg: DictConfig) -> GuidanceConfig:
-    return GuidanceConfig(**{k: cfg.guidance[k] for k in GuidanceConfig.__dataclass_fields__})
+def guidance_of(cfg: DictConfig, prop: str | None = None) -> GuidanceConfig:
+    from scaleyard.jobs.tfg_flow.job import guidance_config
+
+    return guidance_config(cfg, prop)
 
 
 def write_molecules(cfg: DictConfig, weights: dict[str, torch.Tensor], job_state: dict[str, Any], request,
@@ -54,7 +56,7 @@ def write_molecules(cfg: DictConfig, weights: dict[str, torch.Tensor], job_state
     predictor, oracle, prop, value = guided
     targets = torch.full((request.rows,), float(value))
     result, generated = compare(flow, vocabulary, histogram, predictor, oracle, prop, targets, sampler,
-                                guidance_of(cfg), request.seed)
+                                guidance_of(cfg, prop), request.seed)
     _, values, checked = generated["guided"]
     _write(out, checked, [{f"oracle_{prop}": float(v), f"target_{prop}": value} for v in values])
     context = {"flow_run": str(cfg.run.dir), "predictor_run": cfg.guidance.predictor_run,
