@@ -49,3 +49,37 @@ def classify_args(fmnist):
     """Overrides for a small, quick classify run on the subset."""
     return [f"data.path={fmnist}/train", f"data.eval_path={fmnist}/test", "model.width=4", "model.hidden=16",
             "eval.max_samples=200", "data.lanes=4", "data.shuffle_block=32"]
+
+
+def assert_sampling_uses(run: Path, weights: dict, out: Path, *overrides: str) -> None:
+    """`scaleyard sample RUN` draws what these (exported, single-device) weights draw: the run's
+    checkpoint, whatever engine wrote it, is read back to the same model. The reference drawing
+    is done here by hand from the weights (same prompts, per-image noise, sampler and guidance)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from scaleyard.jobs.image_sample.images import to_uint8
+    from scaleyard.jobs.image_sample.job import noise_for
+    from scaleyard.jobs.t2i.job import TextToImage, model_configs
+    from scaleyard.jobs.t2i.loading import t2i_config
+    from scaleyard.models.diffusion import flow
+
+    code, err = scaleyard_in_process("sample", str(run), "--out", str(out), "--prompt", "a bag", "--prompt",
+                                     "a coat", "--n", "2", "--steps", "3", *overrides)
+    assert code == 0, err
+    cfg = t2i_config(run)
+    model = TextToImage(*model_configs(cfg)).eval()
+    model.load_state_dict(weights)
+    captions = ["a bag", "a bag", "a coat", "a coat"]
+    d = model.denoiser.cfg
+    with torch.no_grad():
+        tokens, mask = model.encode(captions, torch.device("cpu"))
+        null_tokens, null_mask = model.encode([""] * 4, torch.device("cpu"))
+        predict = flow.conditioned(model.denoiser, tokens, mask, null_tokens, null_mask, float(cfg.eval.guidance))
+        drawn = to_uint8(flow.integrate(predict, noise_for(list(range(4)), 0, (d.channels, d.image_size,
+                                                                             d.image_size)), 3, "euler",
+                                        cfg.model.process))
+    for k in range(4):
+        written = np.asarray(Image.open(out / "samples" / f"{k:06d}.png")).reshape(drawn[k].shape)
+        assert np.abs(written.astype(int) - drawn[k]).max() <= 1, k  # float sums differ, pixels by a level at most

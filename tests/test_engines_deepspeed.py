@@ -17,7 +17,7 @@ from test_resume import kill_while_writing
 
 from scaleyard.platform.checkpoint import weights_sha256
 
-from conftest import REPO, scaleyard, scaleyard_in_process
+from conftest import REPO, assert_sampling_uses, scaleyard, scaleyard_in_process
 
 pytest.importorskip("deepspeed")
 LOSS_TOLERANCE = 1e-4  # fp32 on CPU: only the order of floating-point reductions differs
@@ -79,6 +79,7 @@ def test_zero_stage_matches_ddp_resumes_exactly_and_exports(fmnist, tmp_path, dd
     ema_weights = load_file(reference / "export" / "step_00000012_ema.safetensors")
     assert ema_weights.keys() == weights.keys()
     assert any(not (ema_weights[k] == weights[k]).all() for k in weights)
+    assert_sampling_uses(reference, ema_weights, tmp_path / "samples")  # sampling reads the EMA partitions
     again = scaleyard("export", str(reference))
     assert again.returncode == 2 and "never overwrite" in again.stderr
 

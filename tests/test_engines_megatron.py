@@ -21,7 +21,7 @@ from scaleyard.platform.checkpoint import weights_sha256
 from scaleyard.platform.config import ConfigError, resolve
 from scaleyard.platform.engines.tensor_parallel import parse_plan
 
-from conftest import REPO, scaleyard, scaleyard_in_process
+from conftest import REPO, assert_sampling_uses, scaleyard, scaleyard_in_process
 
 pytest.importorskip("megatron.core")
 
@@ -89,6 +89,7 @@ def test_tp2_training_follows_single_process_resumes_exactly_and_exports(fmnist,
     # single-device names and shapes: the export loads strictly into the unparallelized model
     cfg = resolve(Config, [], ["model.preset=dit_adaln-cpu-xs"])
     TextToImage(*model_configs(cfg)).load_state_dict(weights)
+    assert_sampling_uses(reference, weights, tmp_path / "samples", "ema=false")  # from the TP shards
 
 
 @pytest.mark.slow  # TP2 x DP2 across two nodes runs in tests/test_multinode.py (slow) as well
