@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import scaleyard, scaleyard_in_process
@@ -32,6 +33,14 @@ def reader(classify_args, tmp_path_factory) -> Path:
     code, err = scaleyard_in_process("run", "classify", *classify_args, "train.steps=1", f"run.dir={run}")
     assert code == 0, err
     return run
+
+
+def test_every_seed_and_index_has_its_own_noise():
+    from scaleyard.jobs.image_sample.job import noise_for
+
+    draws = [noise_for([k], seed, (1, 4, 4)) for seed in (0, 1, 2**32) for k in (0, 1)]
+    assert len({d.numpy().tobytes() for d in draws}) == 6
+    assert noise_for([3, 1], 7, (2, 2)).equal(torch.cat([noise_for([3], 7, (2, 2)), noise_for([1], 7, (2, 2))]))
 
 
 def pixels(folder: Path) -> dict[str, np.ndarray]:

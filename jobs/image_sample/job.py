@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -94,9 +95,16 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def noise_for(indices: list[int], seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Each image's own noise, from (seed, its index): independent of ranks and batches."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed << 32) | k))
-                        for k in indices])
+    """Each image's own noise, from (seed, its index): independent of ranks and batches. NumPy's
+    SeedSequence keeps the seed as entropy and the index as a spawn key, two separate inputs (a
+    list [seed, k] would not do: its zero padding makes [2**32, 0] the same seed as [0, 1]); torch's
+    CPU generator keeps only 32 bits of a seed, so a packed (seed << 32) | k drew seed 0's images
+    for every seed."""
+    def draw(k: int) -> torch.Tensor:
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,)))
+        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+
+    return torch.stack([draw(k) for k in indices])
 
 
 class ImageSampleJob(Job):
