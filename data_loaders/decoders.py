@@ -49,6 +49,17 @@ class ImageDecoder:
 
 
 @dataclass(frozen=True)
+class LatentDecoder:
+    """Cached autoencoder latents (`scaleyard data encode`) -> float32 tensor [C, h, w], as the
+    "image" a diffusion model trains on (already normalised by the autoencoder's factors)."""
+
+    field: str = "latent.npy"
+
+    def __call__(self, raw: dict[str, Any], position: int) -> dict[str, Any]:
+        return {"image": torch.from_numpy(_array(raw[self.field], ".npy").astype(np.float32))}
+
+
+@dataclass(frozen=True)
 class LabelDecoder:
     field: str = "cls"
 
@@ -62,11 +73,14 @@ class CaptionDecoder:
 
     field: str = "txt"
     embedding_field: str = ""  # e.g. "text_emb.npy", written by a caching pass over the shards
+    mask_field: str = ""  # its attention mask, e.g. "text_mask.npy"
 
     def __call__(self, raw: dict[str, Any], position: int) -> dict[str, Any]:
         out: dict[str, Any] = {"caption": raw[self.field].decode("utf-8")}
         if self.embedding_field:
-            out["caption_embedding"] = torch.from_numpy(_array(raw[self.embedding_field], ".npy"))
+            out["caption_embedding"] = torch.from_numpy(_array(raw[self.embedding_field], ".npy").astype(np.float32))
+        if self.mask_field:
+            out["caption_mask"] = torch.from_numpy(_array(raw[self.mask_field], ".npy").astype(bool))
         return out
 
 

@@ -326,3 +326,27 @@ def first_samples(index: ShardIndex, decode: Decode, count: int, batch: int) -> 
         seen += take
         if seen >= count:
             return
+
+
+def shard_samples(index: ShardIndex, number: int, decode: Decode, required: tuple[str, ...] | None = None,
+                  shard_base: str = "") -> Iterator[tuple[dict | None, str]]:
+    """Every sample of one shard in tar order, decoded (through the index's view for shards
+    written elsewhere): (sample, "") or (None, why it was skipped). For passes that process a
+    split shard by shard (`scaleyard data encode`); positions count from the split's start."""
+    shard = index.shards[number]
+    view = view_of(index, 0)
+    fields = tuple(required if required is not None else index.schema)
+    if view is not None:
+        fields = tuple(view.raw_fields(f) for f in fields)
+    source = ShardSource(index.shard_url(shard, shard_base), shard.count, shard.offsets, index.seek_every)
+    first = sum(s.count for s in index.shards[:number])
+    for offset, (raw, problem) in enumerate(read_shard(source, 0, fields)):
+        if raw is None:
+            yield None, problem
+            continue
+        try:
+            if view is not None:
+                raw = view(raw, first + offset)
+            yield decode(raw, first + offset), ""
+        except Exception as exn:  # noqa: BLE001 - a sample that fails to decode is a counted skip
+            yield None, f"sample {raw.get('__key__')} in {source.url}: {exn!r}"

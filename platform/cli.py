@@ -302,6 +302,7 @@ def cmd_data_index(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from scaleyard.platform.cli_encode import add_encode_parser
     from scaleyard.platform.cli_sample import add_sample_parser
 
     parser = argparse.ArgumentParser(prog="scaleyard", description=__doc__)
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-decode-check", action="store_true",
                    help="read image headers only (faster; corrupt pixel data is then found, and skipped, in training)")
     x.set_defaults(func=cmd_data_index)
+    add_encode_parser(data_sub)
 
     add_sample_parser(sub)
     return parser

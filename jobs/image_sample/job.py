@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaleyard.jobs.image_sample.images import image_path, to_uint8, write_grid, write_png
 from scaleyard.jobs.image_sample.negation import check_negation, load_negation
 from scaleyard.jobs.image_sample.readback import ReadbackConfig, check_readback, readback
+from scaleyard.jobs.t2i.latents import run_decoder
 from scaleyard.jobs.t2i.loading import load_t2i, t2i_config
 from scaleyard.models.diffusion import flow
 from scaleyard.models.diffusion.safe_denoiser import PAPER_SCALE, PAPER_WINDOW, SafeDenoiser
@@ -137,6 +138,10 @@ class ImageSampleJob(Job):
         prompts = read_prompts(cfg)
         guidance = cfg.guidance or float(loaded.cfg.eval.guidance)
         adjust = self._safe_denoiser(cfg, ctx.device)
+        decoder = run_decoder(loaded.cfg, ctx.device)  # latent runs: generated latents -> images
+        if decoder is not None and adjust is not None:
+            raise ConfigError(f"config key 'safe.negation': {cfg.source} generates autoencoder latents and the "
+                              "safe denoiser compares pixel images; leave safe.negation empty for latent runs")
         out = ctx.run_dir / SAMPLES_DIR
         out.mkdir(parents=True, exist_ok=True)
         total = len(prompts) * cfg.n
@@ -149,6 +154,8 @@ class ImageSampleJob(Job):
             batch = todo[start: start + cfg.batch_size]
             images = self._draw(cfg, model, [prompts[k // cfg.n] for k in batch], noise_for(batch, cfg.seed, shape),
                                 guidance, loaded.cfg.model.process, adjust, ctx, stats)
+            if decoder is not None:
+                images = decoder.decode(images.float())
             if ctx.rank == 0 or not spread_blocks:
                 for k, pixels in zip(batch, to_uint8(images)):
                     write_png(pixels, image_path(out, k))

@@ -23,9 +23,9 @@ def evaluate(job, model, step: int) -> EvalResult:
     process = cfg.model.process
     generator = torch.Generator().manual_seed(1234)  # the same noise at every evaluation
     sums, count = dict.fromkeys(EVAL_TIMES, 0.0), 0
-    for batch in eval_stream(cfg, job.field, cfg.eval.val_samples, 128):
+    for batch in eval_stream(cfg, job.geometry, cfg.eval.val_samples, 128):
         images = batch["image"].to(device)
-        tokens, mask = model.encode(batch["caption"], device)
+        tokens, mask = model.encode(batch["caption"], device, _cached(batch))
         for t in EVAL_TIMES:
             noise = torch.randn(images.shape, generator=generator).to(device)
             times = torch.full((len(images),), t, device=device)
@@ -37,19 +37,22 @@ def evaluate(job, model, step: int) -> EvalResult:
     if cfg.eval.samples == 0:
         return result
 
-    real = next(eval_stream(cfg, job.field, cfg.eval.samples, cfg.eval.samples))
+    real = next(eval_stream(cfg, job.geometry, cfg.eval.samples, cfg.eval.samples))
     captions = real["caption"]
-    tokens, mask = model.encode(captions, device)
+    tokens, mask = model.encode(captions, device, _cached(real))
     null_tokens, null_mask = model.encode([""] * len(captions), device)
     noise = torch.randn(real["image"].shape, generator=generator).to(device)
     generated = flow.sample(model.denoiser, noise, tokens, mask, null_tokens, null_mask, steps=cfg.eval.steps,
                             sampler=cfg.eval.sampler, guidance=cfg.eval.guidance, process=process)
+    real_images = real["image"]
+    if job.geometry.latent:  # generated and real latents through the split's autoencoder
+        generated, real_images = _decode(job, generated), _decode(job, real_images.to(device))
     generated = ((generated.float() + 1) / 2).clamp(0, 1)
     result.images["samples"] = generated[:GRID].cpu()
     result.text["sample_captions"] = "\n".join(f"{i}. {c}" for i, c in enumerate(captions[:GRID]))
     if cfg.eval.classifier:
         classifier = _classifier(job, cfg.eval.classifier, device)
-        real_features, _ = classifier_readout(classifier, ((real["image"] + 1) / 2).to(device))
+        real_features, _ = classifier_readout(classifier, ((real_images + 1) / 2).to(device))
         fake_features, predicted = classifier_readout(classifier, generated)
         result.metrics["frechet_distance"] = frechet_distance(real_features, fake_features)
         if "label" in real:
@@ -63,3 +66,18 @@ def _classifier(job, run_dir: str, device: torch.device):
 
         job._classifier = load_classifier(run_dir, device)
     return job._classifier
+
+
+def _cached(batch: dict):
+    return (batch["caption_embedding"], batch["caption_mask"]) if "caption_embedding" in batch else None
+
+
+def _decode(job, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1] with the split's autoencoder (loaded once per run)."""
+    if getattr(job, "_autoencoder", None) is None:
+        from scaleyard.data_loaders.index import load_index
+        from scaleyard.jobs.t2i.latents import load_decoder
+
+        job._autoencoder = load_decoder(job.cfg, load_index(job.cfg.data.path), job.ctx.device)
+    decoded = [job._autoencoder.decode(chunk.float()) for chunk in latents.split(64)]
+    return torch.cat(decoded).float()

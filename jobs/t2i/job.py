@@ -15,9 +15,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from scaleyard.data_loaders.decoders import CaptionDecoder, Compose, ImageDecoder, LabelDecoder
+from scaleyard.data_loaders.decoders import Compose
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
+from scaleyard.jobs.t2i.latents import TEXT_FIELDS, SplitGeometry, autoencoder_folder, decoders, split_geometry
 from scaleyard.models.diffusion import flow
 from scaleyard.models.diffusion.transformer import (
     SAVED_BEFORE,
@@ -56,7 +57,12 @@ class ModelConfig:
     preset: str = "uvit-cpu-s"
     text_encoder: str = choice("hashed", TEXT_ENCODERS)  # trainable hashed-word encoder, or frozen MiniLM
     image_size: int = bounded(0, 0)  # 0: the preset's; set for other data (e.g. 32 for shapes)
-    channels: int = bounded(0, 0)  # 0: the preset's (1 for Fashion-MNIST, 3 for shapes)
+    channels: int = bounded(0, 0)  # 0: the preset's (1 for Fashion-MNIST, 3 for shapes, 4 for latents)
+    # 0: the preset's; smaller values run a paper preset's geometry (tokens, text) at CPU size
+    width: int = bounded(0, 0)
+    depth: int = bounded(0, 0)
+    heads: int = bounded(0, 0)
+    autoencoder: str = ""  # latent splits: the VAE folder decoding samples ("": the one their index names)
     text_depth: int = bounded(2, 1)
     text_heads: int = bounded(4, 1)
     process: str = choice("flow", flow.PROCESSES)
@@ -97,12 +103,14 @@ def model_configs(cfg: DictConfig) -> tuple[DiffusionTransformerConfig, TextEnco
         changes["text_dim"] = FrozenMiniLM.width
     if cfg.model.image_size:
         changes["image_size"] = cfg.model.image_size
-    if cfg.model.channels:
-        changes["channels"] = cfg.model.channels
+    for key in ("channels", "width", "depth", "heads"):
+        if cfg.model[key]:
+            changes[key] = cfg.model[key]
     try:
         denoiser = dataclasses.replace(denoiser, **changes)
     except ValueError as err:
-        raise ConfigError(f"config keys 'model.image_size' / 'model.preset': {err}") from None
+        raise ConfigError(f"config keys 'model.image_size|channels|width|depth|heads' / 'model.preset': {err}"
+                          ) from None
     text = TextEncoderConfig(width=denoiser.text_dim, depth=cfg.model.text_depth, heads=cfg.model.text_heads,
                              max_len=denoiser.text_len)
     return denoiser, text
@@ -121,7 +129,18 @@ class TextToImage(nn.Module):
         object.__setattr__(self, "frozen_text", frozen_text)  # not a submodule: not trained, not saved
         self.denoiser = build_model(denoiser_cfg)
 
-    def encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, captions: list[str], device: torch.device,
+               cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens and mask; `cached`: the frozen encoder's output stored in the shards, with
+        empty (dropped) captions encoded here."""
+        if cached is not None and self.frozen_text is not None:
+            tokens, mask = cached[0].to(device), cached[1].to(device)
+            empty = [i for i, caption in enumerate(captions) if not caption]
+            if empty:
+                null_tokens, null_mask = self.frozen_text([""], device)
+                tokens, mask = tokens.clone(), mask.clone()
+                tokens[empty], mask[empty] = null_tokens.to(tokens.dtype), null_mask
+            return tokens, mask
         if self.frozen_text is not None:
             return self.frozen_text(captions, device)
         ids, mask = tokenize(captions, self.text_cfg)
@@ -129,8 +148,8 @@ class TextToImage(nn.Module):
         return self.text(ids, mask), mask
 
     def forward(self, images: torch.Tensor, captions: list[str], t: torch.Tensor, noise: torch.Tensor,
-                process: str) -> torch.Tensor:
-        tokens, mask = self.encode(captions, images.device)
+                process: str, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        tokens, mask = self.encode(captions, images.device, cached)
         return flow.training_loss(self.denoiser, images, tokens, mask, t, noise, process)
 
 
@@ -152,18 +171,24 @@ class TextToImageJob(Job):
         self.cfg, self.ctx = cfg, ctx
         self.denoiser_cfg, self.text_cfg = model_configs(cfg)
         index = load_index(cfg.data.path)
-        self.field = "image.npy" if "image.npy" in index.schema else "image.png"
-        shape = index.extra.get("image_shape", [1, 28, 28])
+        self.geometry = split_geometry(index, cfg, self.denoiser_cfg.text_len)
+        self.field = self.geometry.field
+        shape = self.geometry.shape
         if [self.denoiser_cfg.channels, self.denoiser_cfg.image_size] != [shape[0], shape[1]]:
+            what = "latents" if self.geometry.latent else "px images"
             raise ConfigError(
                 f"config key 'model.preset': {cfg.model.preset} expects {self.denoiser_cfg.channels}x"
-                f"{self.denoiser_cfg.image_size}px images, {cfg.data.path} holds {shape[0]}x{shape[1]}px: "
+                f"{self.denoiser_cfg.image_size} inputs, {cfg.data.path} holds {shape[0]}x{shape[1]} {what}: "
                 f"set model.channels={shape[0]} model.image_size={shape[1]}"
             )
-        decode = Compose((ImageDecoder(field=self.field, symmetric=True), CaptionDecoder()))
+        self._autoencoder = None
+        if self.geometry.latent:
+            autoencoder_folder(cfg, index)  # a split that names no VAE fails before step 1
+        decode = Compose(decoders(self.geometry, index))
+        required = (self.field, "txt", *(TEXT_FIELDS if self.geometry.cached_text else ()))
         stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
                              batch_per_rank=batch_per_rank(cfg, ctx.data_world_size),
-                             rank=ctx.data_rank, world_size=ctx.data_world_size, required=(self.field, "txt"))
+                             rank=ctx.data_rank, world_size=ctx.data_world_size, required=required)
         frozen = {}
         if cfg.model.text_encoder == "minilm":
             frozen["text_encoder"] = FrozenMiniLM(self.denoiser_cfg.text_len)
@@ -180,7 +205,8 @@ class TextToImageJob(Job):
         captions = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop.tolist())]
         t = flow.sample_timesteps(len(images), None, device)
         noise = torch.randn_like(images)
-        loss = model(images, captions, t, noise, self.cfg.model.process).mean()
+        cached = (batch["caption_embedding"], batch["caption_mask"]) if "caption_embedding" in batch else None
+        loss = model(images, captions, t, noise, self.cfg.model.process, cached).mean()
         return loss, {}
 
     def evaluate(self, model: nn.Module, step: int) -> EvalResult:
@@ -255,13 +281,10 @@ class TextToImageJob(Job):
                  "tokens": d.image_tokens} for name, d in presets().items()]
 
 
-def eval_stream(cfg: DictConfig, field: str, count: int, batch: int):
-    """The first `count` samples of the eval split in a fixed order (image, caption, label)."""
+def eval_stream(cfg: DictConfig, geometry: SplitGeometry, count: int, batch: int):
+    """The first `count` samples of the eval split in a fixed order (image or latent, caption, label)."""
     index = load_index(cfg.data.eval_path)
-    parts = [ImageDecoder(field=field, symmetric=True), CaptionDecoder()]
-    if "cls" in index.schema:
-        parts.append(LabelDecoder())
-    return first_samples(index, Compose(tuple(parts)), count, batch)
+    return first_samples(index, Compose(decoders(geometry, index, labels=True)), count, batch)
 
 
 JOB = TextToImageJob
