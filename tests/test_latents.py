@@ -219,3 +219,23 @@ def test_bad_inputs_fail_before_anything_is_written(shapes, vae, latents, tmp_pa
     cfg = OmegaConf.create({"model": {"autoencoder": str(other)}})
     with pytest.raises(ConfigError, match="'model.autoencoder'.*not the autoencoder that encoded"):
         load_decoder(cfg, load_index(latents), "cpu")
+
+
+@pytest.mark.slow  # a SLURM job of 2 tasks (about a minute with the queue)
+def test_encode_on_slurm_splits_shards_over_tasks(shapes, vae, latents, tmp_path):
+    from test_slurm import wait_done
+
+    out = tmp_path / "latents"
+    done = scaleyard("submit", "latent_encode", "--cluster", "slurm", "--ntasks-per-node", "2",
+                     f"source={shapes}/train", f"autoencoder={vae}", f"run.dir={out}", "batch_size=16",
+                     "text_encoder=minilm")
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = wait_done(out, 600)
+    assert row["state"] == "COMPLETED", row
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    # the same samples and latents as one local process wrote (rank r took shards r, r + 2); thread
+    # counts may differ between the two, so latents agree to fp16 rounding, not bit for bit
+    there, here = _read_shards(out), _read_shards(latents)
+    assert [s["__key__"] for s in there] == [s["__key__"] for s in here]
+    for a, b in zip(there, here):
+        assert np.allclose(np.load(io.BytesIO(a["latent.npy"])), np.load(io.BytesIO(b["latent.npy"])), atol=2e-3)

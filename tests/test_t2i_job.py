@@ -58,7 +58,8 @@ def test_t2i_bad_inputs(tmp_path, fmnist):
     unknown = scaleyard(*t2i_args(fmnist, tmp_path / "a", "model.preset=uvit-huge"))
     assert unknown.returncode == 2 and "known presets: dit_adaln-cpu-xs" in unknown.stderr
     wrong_size = scaleyard(*t2i_args(fmnist, tmp_path / "b", "model.preset=uvit-0.3B"))
-    assert wrong_size.returncode == 2 and "expects 4x32px images" in wrong_size.stderr
+    assert wrong_size.returncode == 2 and "expects 4x32 inputs" in wrong_size.stderr
+    assert "set model.channels=1 model.image_size=28" in wrong_size.stderr
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
