@@ -12,10 +12,18 @@ COLUMNS = (
     ("alpha_precision", "alpha-precision"), ("beta_recall", "beta-recall"), ("mle_auc", "MLE AUC"),
     ("dcr", "DCR (strictly closer to train)"), ("c2st_pairs", "C2ST with pair features (ours)"),
 )
-# The paper's published Adult numbers (arXiv 2410.20626, ICLR 2025), by method. Left empty: the
-# tables could not be read in the stored copies of the paper available to this project (only the
-# abstract pages are there), and numbers quoted from memory would not be checkable. Fill each
-# {metric: value} from Tables 1-4 of the paper, in the units COLUMNS names.
+# The paper's published Adult numbers (arXiv 2410.20626, ICLR 2025), by method. Left empty: no
+# metric for Adult could be read from the paper itself in the sources this project can reach, and
+# numbers quoted from memory or from third-party summaries would not be checkable. Checked:
+# - the stored arXiv HTML of v1 and v3 (arxiv.org/html/2410.20626v1, .../v3): only the start of each
+#   page is stored (title, abstract, start of the introduction); none of the result tables;
+# - mirrors and summaries of the paper (alphaxiv, chatpaper, liner, paperhub/OpenReview): same, or
+#   reviews without the tables;
+# - the reference code, github.com/MinkaiXu/TabDiff at 5ecdb33 (2025-06-02): its README and code
+#   publish no result numbers.
+# To fill: take each {metric: value} from the paper's result tables (shape/trend error %,
+# alpha-precision, beta-recall, C2ST detection, MLE AUC, DCR) in the units COLUMNS names, and name the
+# arXiv version and table beside each number.
 PAPER_ADULT: dict[str, dict[str, float]] = {"TabDiff": {}, "TabSyn": {}, "TabDDPM": {}, "CTGAN": {}, "TVAE": {}}
 # our method name -> the paper's method it stands beside
 COUNTERPART = {"tabdiff": "TabDiff"}
