@@ -98,9 +98,16 @@ class FrozenMiniLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.tokenizer(captions, padding="max_length", max_length=self.max_len, truncation=True,
+        """Tokens [B, max_len, 384] and mask [B, max_len]. MiniLM runs only to the batch's longest
+        caption (short captions padded to 64 tokens cost 5-10x more); padded positions are zeros
+        with mask False, which every denoiser masks out as keys, so a caption's tokens do not
+        depend on the batch it was encoded in (cached embeddings equal live ones)."""
+        batch = self.tokenizer(captions, padding="longest", max_length=self.max_len, truncation=True,
                                return_tensors="pt").to(device)
-        return self.model(**batch).last_hidden_state, batch["attention_mask"].bool()
+        mask = batch["attention_mask"].bool()
+        hidden = self.model(**batch).last_hidden_state * mask[..., None]
+        pad = self.max_len - hidden.shape[1]
+        return torch.nn.functional.pad(hidden, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
 
     def flops(self) -> float:
         """Forward-only FLOPs per caption (frozen: no backward)."""

@@ -94,10 +94,11 @@ class EncodeInput:
     """Decoder: the image in [-1, 1] plus the members copied unchanged."""
 
     field: str
+    channels: int  # the autoencoder's input channels
 
     def __call__(self, raw: dict[str, Any], position: int) -> dict[str, Any]:
         image = ImageDecoder(field=self.field, symmetric=True)(raw, position)["image"]
-        if image.shape[0] == 1:  # grey images through an RGB autoencoder
+        if image.shape[0] == 1 and self.channels == 3:  # grey images through an RGB autoencoder
             image = image.expand(3, -1, -1)
         return {"image": image, "key": raw["__key__"], "kept": {k: raw[k] for k in PASSED_THROUGH if k in raw}}
 
@@ -139,7 +140,7 @@ class LatentEncodeJob(Job):
                       device: torch.device, out: Path) -> int:
         name = shard_name(number)
         partial = out / f"{name}.partial"
-        decode = EncodeInput(image_field(index))
+        decode = EncodeInput(image_field(index), int(autoencoder.vae.config.in_channels))
         required = (image_field(index),)
         dtype = DTYPES[cfg.dtype]
         written, problems, shape = 0, [], []
