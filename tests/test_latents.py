@@ -239,3 +239,18 @@ def test_encode_on_slurm_splits_shards_over_tasks(shapes, vae, latents, tmp_path
     assert [s["__key__"] for s in there] == [s["__key__"] for s in here]
     for a, b in zip(there, here):
         assert np.allclose(np.load(io.BytesIO(a["latent.npy"])), np.load(io.BytesIO(b["latent.npy"])), atol=2e-3)
+
+
+@pytest.mark.parametrize("arch", ["dit_adaln", "dit_cross", "uvit"])
+def test_every_paper_preset_shrinks_to_cpu_width_keeping_its_latent_geometry(arch):
+    from scaleyard.jobs.t2i.job import Config, TextToImage, model_configs
+    from scaleyard.models.diffusion import flow
+    from scaleyard.platform.config import resolve
+
+    cfg = resolve(Config, [], [f"model.preset={arch}-8B", "model.width=32", "model.depth=3", "model.heads=2"])
+    denoiser, text = model_configs(cfg)
+    assert (denoiser.channels, denoiser.image_size, denoiser.patch, denoiser.text_len) == (4, 32, 2, 64)
+    model = TextToImage(denoiser, text)
+    latents = torch.randn(2, 4, 32, 32)
+    loss = model(latents, ["a red circle", ""], torch.rand(2), torch.randn_like(latents), flow.PROCESSES[0])
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
