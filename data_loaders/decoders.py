@@ -72,15 +72,18 @@ class CaptionDecoder:
     """Raw caption text, plus a cached text-encoder embedding when the shards carry one."""
 
     field: str = "txt"
-    embedding_field: str = ""  # e.g. "text_emb.npy", written by a caching pass over the shards
-    mask_field: str = ""  # its attention mask, e.g. "text_mask.npy"
+    # e.g. "text_emb.npy" from `scaleyard data encode`: the caption's n real token embeddings [n, D],
+    # padded here with zeros to `embedding_len` (mask False), as the encoder's own output is
+    embedding_field: str = ""
+    embedding_len: int = 0
 
     def __call__(self, raw: dict[str, Any], position: int) -> dict[str, Any]:
         out: dict[str, Any] = {"caption": raw[self.field].decode("utf-8")}
         if self.embedding_field:
-            out["caption_embedding"] = torch.from_numpy(_array(raw[self.embedding_field], ".npy").astype(np.float32))
-        if self.mask_field:
-            out["caption_mask"] = torch.from_numpy(_array(raw[self.mask_field], ".npy").astype(bool))
+            tokens = torch.from_numpy(_array(raw[self.embedding_field], ".npy").astype(np.float32))
+            length = max(self.embedding_len, len(tokens))
+            out["caption_embedding"] = torch.nn.functional.pad(tokens, (0, 0, 0, length - len(tokens)))
+            out["caption_mask"] = torch.arange(length) < len(tokens)
         return out
 
 

@@ -6,7 +6,7 @@ Recipe: config -> source split (scaleyard shards or shards indexed where they li
 index`) -> autoencoder (a local diffusers AutoencoderKL folder: an SD/SDXL/FLUX VAE, or one
 exported by the `autoencoder` job) and optionally MiniLM -> one output shard per source shard
 (`latent.npy` in fp16/bf16-as-fp32/fp32, the caption, labels and json copied, `text_emb.npy` +
-`text_mask.npy`) -> `index.json` with the latent shape and the autoencoder that made them.
+one caption's real tokens only) -> `index.json` with the latent shape and the autoencoder that made them.
 
 Ranks take source shards round-robin (shard s on rank s % world). A shard is written to a
 `.partial` file, renamed when complete, then recorded in `.encoded/`; a killed or preempted pass
@@ -42,7 +42,7 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 PASSED_THROUGH = ("txt", "cls", "json")  # copied byte for byte from the source sample
 DONE_DIR = ".encoded"
 LATENT_FIELD = "latent.npy"
-TEXT_FIELDS = ("text_emb.npy", "text_mask.npy")
+TEXT_FIELD = "text_emb.npy"
 SKIPPED_EXTRA = ("view", "corrupt", "incomplete", "truncated_shards", "image_stats")
 
 
@@ -149,14 +149,14 @@ class LatentEncodeJob(Job):
             images = torch.stack([sample["image"] for sample in batch]).to(device)
             latents = autoencoder.encode(images).float().cpu().numpy().astype(dtype)
             shape[:] = latents.shape[1:]
-            embeddings = masks = None
+            embeddings = lengths = None
             if text is not None:
                 tokens, mask = text([sample["kept"].get("txt", b"").decode("utf-8") for sample in batch], device)
-                embeddings, masks = tokens.float().cpu().numpy().astype(dtype), mask.cpu().numpy()
+                embeddings, lengths = tokens.float().cpu().numpy().astype(dtype), mask.sum(1).tolist()
             for i, sample in enumerate(batch):
                 record = {"__key__": sample["key"], LATENT_FIELD: latents[i], **sample["kept"]}
-                if embeddings is not None:
-                    record.update({TEXT_FIELDS[0]: embeddings[i], TEXT_FIELDS[1]: masks[i]})
+                if embeddings is not None:  # the real tokens only (a caption is ~10 of 64): 6x less to store
+                    record[TEXT_FIELD] = embeddings[i, : lengths[i]]
                 sink.write(record)
 
         pending: list[dict[str, Any]] = []
@@ -220,8 +220,8 @@ def write_latent_index(cfg: DictConfig, source: ShardIndex, out: Path, spec: Any
     schema = {LATENT_FIELD: f"{cfg.dtype}{latent_shape} normalised latents of {spec.folder}"}
     schema.update({k: source.schema[k] for k in PASSED_THROUGH if k in source.schema})
     if cfg.text_encoder:
-        schema[TEXT_FIELDS[0]] = f"{cfg.dtype}[{cfg.text_len},384] {cfg.text_encoder} token embeddings"
-        schema[TEXT_FIELDS[1]] = f"bool[{cfg.text_len}] their attention mask"
+        schema[TEXT_FIELD] = (f"{cfg.dtype}[n,384] {cfg.text_encoder} embeddings of the caption's n <= "
+                              f"{cfg.text_len} tokens (pad with zeros to {cfg.text_len}, mask False)")
     extra = {k: v for k, v in source.extra.items() if k not in SKIPPED_EXTRA}
     extra.update(latent_shape=latent_shape, source=str(Path(cfg.source).resolve()),
                  skipped=sum(r["skipped"] for r in records),

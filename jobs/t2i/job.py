@@ -18,7 +18,7 @@ from torch import nn
 from scaleyard.data_loaders.decoders import Compose
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
-from scaleyard.jobs.t2i.latents import TEXT_FIELDS, SplitGeometry, autoencoder_folder, decoders, split_geometry
+from scaleyard.jobs.t2i.latents import TEXT_FIELD, SplitGeometry, autoencoder_folder, decoders, split_geometry
 from scaleyard.models.diffusion import flow
 from scaleyard.models.diffusion.transformer import (
     SAVED_BEFORE,
@@ -185,7 +185,7 @@ class TextToImageJob(Job):
         if self.geometry.latent:
             autoencoder_folder(cfg, index)  # a split that names no VAE fails before step 1
         decode = Compose(decoders(self.geometry, index))
-        required = (self.field, "txt", *(TEXT_FIELDS if self.geometry.cached_text else ()))
+        required = (self.field, "txt", *((TEXT_FIELD,) if self.geometry.cached_text else ()))
         stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
                              batch_per_rank=batch_per_rank(cfg, ctx.data_world_size),
                              rank=ctx.data_rank, world_size=ctx.data_world_size, required=required)

@@ -19,7 +19,7 @@ from scaleyard.data_loaders.index import ShardIndex
 from scaleyard.platform.config import ConfigError
 
 LATENT_FIELD = "latent.npy"
-TEXT_FIELDS = ("text_emb.npy", "text_mask.npy")
+TEXT_FIELD = "text_emb.npy"
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def split_geometry(index: ShardIndex, cfg: DictConfig, text_len: int) -> SplitGe
         shape = tuple(index.extra["latent_shape"])
         cached = index.extra.get("text_encoder") or {}
         usable = (cfg.model.text_encoder == "minilm" and cached.get("name") == "minilm"
-                  and int(cached.get("text_len", 0)) == text_len and all(f in index.schema for f in TEXT_FIELDS))
+                  and int(cached.get("text_len", 0)) == text_len and TEXT_FIELD in index.schema)
         return SplitGeometry(LATENT_FIELD, shape, True, usable)
     field = "image.npy" if "image.npy" in index.schema else "image.png"
     return SplitGeometry(field, tuple(index.extra.get("image_shape", [1, 28, 28])), False, False)
@@ -43,8 +43,9 @@ def split_geometry(index: ShardIndex, cfg: DictConfig, text_len: int) -> SplitGe
 
 def decoders(geometry: SplitGeometry, index: ShardIndex, labels: bool = False) -> tuple[Any, ...]:
     image = LatentDecoder(geometry.field) if geometry.latent else ImageDecoder(field=geometry.field, symmetric=True)
-    caption = CaptionDecoder(embedding_field=TEXT_FIELDS[0], mask_field=TEXT_FIELDS[1]) if geometry.cached_text \
-        else CaptionDecoder()
+    caption = CaptionDecoder()
+    if geometry.cached_text:
+        caption = CaptionDecoder(embedding_field=TEXT_FIELD, embedding_len=int(index.extra["text_encoder"]["text_len"]))
     parts = [image, caption]
     if labels and "cls" in index.schema:
         parts.append(LabelDecoder())
