@@ -131,6 +131,15 @@ AUTOENCODER_PRESETS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 
 
+def diffusers_missing() -> str:
+    """Why diffusers cannot be used ("" when it can), checked without importing it (seconds)."""
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        return "the autoencoder needs diffusers: pip install 'scaleyard[autoencoder]'"
+    return ""
+
+
 def autoencoder_kl_config(preset: str, channels: int = 3, latent_channels: int = 4) -> dict[str, Any]:
     """AutoencoderKL constructor arguments of a preset; ValueError naming the presets."""
     if preset not in AUTOENCODER_PRESETS:

@@ -27,7 +27,12 @@ from torch import nn
 from scaleyard.data_loaders.decoders import Compose, ImageDecoder
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
-from scaleyard.models.autoencoder import AUTOENCODER_PRESETS, autoencoder_kl_config, build_autoencoder_kl
+from scaleyard.models.autoencoder import (
+    AUTOENCODER_PRESETS,
+    autoencoder_kl_config,
+    build_autoencoder_kl,
+    diffusers_missing,
+)
 from scaleyard.platform.config import (
     ConfigError,
     DataConfig,
@@ -99,6 +104,8 @@ class AutoencoderJob(Job):
     Config = Config
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
+        if diffusers_missing():
+            raise ConfigError(f"config key 'model.preset': {diffusers_missing()}")
         if not cfg.data.path:
             raise ConfigError("config key 'data.path': set it to an image split folder with index.json "
                               "(`scaleyard data build shapes --out data/shapes64 --option resolution=64`)")

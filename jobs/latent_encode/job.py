@@ -33,7 +33,7 @@ from scaleyard.data_loaders.decoders import ImageDecoder
 from scaleyard.data_loaders.index import INDEX_FILE, DataError, ShardIndex, ShardInfo, load_index, sha256_file
 from scaleyard.data_loaders.pipeline import shard_samples
 from scaleyard.data_loaders.writer import SEEK_EVERY, sample_offsets
-from scaleyard.models.autoencoder import AutoencoderError, check_folder, load_autoencoder
+from scaleyard.models.autoencoder import AutoencoderError, check_folder, diffusers_missing, load_autoencoder
 from scaleyard.platform.config import ConfigError, EngineConfig, RunConfig, bounded, choice
 from scaleyard.platform.distributed import barrier
 from scaleyard.platform.job import Context, Job
@@ -77,6 +77,8 @@ def check_sources(cfg: DictConfig) -> tuple[ShardIndex, Any]:
         raise ConfigError(f"config key 'source': {err}") from None
     if not cfg.autoencoder:
         raise ConfigError("config key 'autoencoder': give a local diffusers AutoencoderKL folder")
+    if diffusers_missing():
+        raise ConfigError(f"config key 'autoencoder': {diffusers_missing()}")
     try:
         spec = check_folder(cfg.autoencoder)
         side = int(index.extra.get("image_shape", [0, 0])[-1])
