@@ -5,7 +5,8 @@ text encoder while it trains.
 Recipe: config -> source split (scaleyard shards or shards indexed where they lie with `data
 index`) -> autoencoder (a local diffusers AutoencoderKL folder: an SD/SDXL/FLUX VAE, or one
 exported by the `autoencoder` job) and optionally MiniLM -> one output shard per source shard
-(`latent.npy` in fp16/bf16-as-fp32/fp32, the caption, labels and json copied, `text_emb.npy` +
+(`latent.npy` in fp16, or fp32; not bf16, which .npy cannot hold: normalised latents are
+about unit scale, well inside fp16's range, the caption, labels and json copied, `text_emb.npy` +
 one caption's real tokens only) -> `index.json` with the latent shape and the autoencoder that made them.
 
 Ranks take source shards round-robin (shard s on rank s % world). A shard is written to a
