@@ -4,10 +4,11 @@ text encoder while it trains.
 
 Recipe: config -> source split (scaleyard shards or shards indexed where they lie with `data
 index`) -> autoencoder (a local diffusers AutoencoderKL folder: an SD/SDXL/FLUX VAE, or one
-exported by the `autoencoder` job) and optionally MiniLM -> one output shard per source shard
-(`latent.npy` in fp16, or fp32; not bf16, which .npy cannot hold: normalised latents are
-about unit scale, well inside fp16's range, the caption, labels and json copied, `text_emb.npy` +
-one caption's real tokens only) -> `index.json` with the latent shape and the autoencoder that made them.
+exported by the `autoencoder` job) and optionally MiniLM -> one output shard per source shard:
+`latent.npy` (fp16, or fp32; not bf16, which .npy cannot hold, and normalised latents are about
+unit scale, well inside fp16's range), the caption, labels and json copied, and `text_emb.npy`
+(the embeddings of the caption's real tokens only) -> `index.json` with the latent shape and the
+autoencoder that made them.
 
 Ranks take source shards round-robin (shard s on rank s % world). A shard is written to a
 `.partial` file, renamed when complete, then recorded in `.encoded/`; a killed or preempted pass
