@@ -249,6 +249,7 @@ def test_zero3_checkpointed_run_exports_under_the_model_names(runs, installed, t
     load_into_llama(weights)
 
 
+@pytest.mark.slow  # CI budget (44 s): tensor parallelism keeps its default-tier case in test_engines_megatron
 def test_tensor_parallel_summary_counts_the_whole_model(runs):
     assert summary(runs("llama_probe", "tp2_ckpt"))["params"] == summary(runs("llama_probe", "ddp"))["params"]
 

@@ -282,6 +282,7 @@ def test_bad_tables_are_refused_before_training(tmp_path, tables):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # CI budget (37 s): sampling a ZeRO-3 run keeps its default-tier case in the t2i ZeRO-3 test
 def test_sample_reads_a_zero3_run(tmp_path, tables):
     """`scaleyard sample` on a DeepSpeed ZeRO-3 run of 2 ranks (its weights exist only as
     partitions) goes through the loader every command shares, EMA included."""

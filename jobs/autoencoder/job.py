@@ -138,7 +138,7 @@ class AutoencoderJob(Job):
         cfg = self.cfg
         if not cfg.data.eval_path or cfg.eval.samples == 0:
             return EvalResult()
-        squared, latent_sum, latent_squares, values, count = 0.0, 0.0, 0.0, 0, 0
+        psnr_sum, latent_sum, latent_squares, values, count = 0.0, 0.0, 0.0, 0, 0
         originals, reconstructions = [], []
         for batch in eval_images(cfg, self.field, cfg.eval.samples, cfg.eval.batch_size):
             images = batch["image"].to(self.ctx.device)
@@ -146,14 +146,14 @@ class AutoencoderJob(Job):
             decoded = model.vae.decode(z).sample.clamp(-1, 1)
             # PSNR on [0, 1] pixels, per image then averaged (the usual reporting)
             per_image = ((decoded - images) / 2).pow(2).flatten(1).mean(1)
-            squared += float((-10 * torch.log10(per_image.clamp_min(1e-10))).sum())
+            psnr_sum += float((-10 * torch.log10(per_image.clamp_min(1e-10))).sum())
             latent_sum, latent_squares = latent_sum + float(z.sum()), latent_squares + float(z.pow(2).sum())
             values, count = values + z.numel(), count + len(images)
             if len(originals) < GRID:
                 originals += list(images[: GRID - len(originals)].cpu())
                 reconstructions += list(decoded[: GRID - len(reconstructions)].cpu())
         mean = latent_sum / values
-        metrics = {"psnr": squared / count, "latent_mean": mean,
+        metrics = {"psnr": psnr_sum / count, "latent_mean": mean,
                    "latent_std": math.sqrt(max(latent_squares / values - mean**2, 0.0))}
         pairs = torch.stack([image for pair in zip(originals, reconstructions) for image in pair])
         result = EvalResult(metrics=metrics, images={"originals_and_reconstructions": (pairs + 1) / 2})
