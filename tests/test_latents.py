@@ -262,3 +262,31 @@ def test_every_paper_preset_shrinks_to_cpu_width_keeping_its_latent_geometry(arc
     latents = torch.randn(2, 4, 32, 32)
     loss = model(latents, ["a red circle", ""], torch.rand(2), torch.randn_like(latents), flow.PROCESSES[0])
     assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+def test_foreign_shards_encode_through_their_index_skipping_the_corrupt_image(tmp_path):
+    """img2dataset-style shards (mixed formats and modes, one truncated JPEG, one sample without a
+    caption) -> `data index` -> `data encode`: every decodable image becomes a latent, the corrupt
+    one is a counted skip, the uncaptioned one is kept without a caption."""
+    from diffusers import AutoencoderKL
+    from foreign_fixture import make_foreign_folder
+
+    from scaleyard.data_loaders.index import load_index
+    from scaleyard.data_loaders.indexer import index_shards
+    from scaleyard.models.autoencoder import autoencoder_kl_config
+
+    foreign = make_foreign_folder(tmp_path / "shards", shards=2, per_shard=10)
+    index_shards(str(foreign.root), tmp_path / "indexed", size=16, workers=1)
+    torch.manual_seed(0)
+    AutoencoderKL(**autoencoder_kl_config("kl-f2-tiny")).save_pretrained(str(tmp_path / "vae"))
+    out = tmp_path / "latents"
+    code, err = scaleyard_in_process("data", "encode", str(tmp_path / "indexed"), "--autoencoder",
+                                     str(tmp_path / "vae"), "--out", str(out), "--batch-size", "4")
+    assert code == 0, err
+    index = load_index(out)
+    assert index.total == foreign.total - 1 and index.extra["skipped"] == 1
+    assert index.extra["latent_shape"] == [4, 8, 8]
+    keys = [s["__key__"] for s in _read_shards(out)]
+    assert foreign.corrupt[0].split(".")[0] not in keys and foreign.uncaptioned[0] in keys
+    problems = json.loads((out / ".encoded" / "latents-000000.tar.json").read_text())["problems"]
+    assert len(problems) == 1 and foreign.corrupt[0].split(".")[0] in problems[0]
