@@ -25,6 +25,17 @@ def _array(payload: bytes | np.ndarray, field: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(payload)))
 
 
+# members of latent shards written by `scaleyard data encode` (jobs/latent_encode)
+LATENT_FIELD = "latent.npy"
+TEXT_EMBEDDING_FIELD = "text_emb.npy"
+
+
+def image_member(schema: dict[str, str]) -> str:
+    """The member holding a split's images: the uint8 array scaleyard writes (or a foreign
+    shard's view provides), else PNG bytes; "" when the split holds neither."""
+    return next((name for name in ("image.npy", "image.png") if name in schema), "")
+
+
 @dataclass(frozen=True)
 class ImageDecoder:
     """uint8 image (npy or any PIL format) -> float tensor [C, H, W] in [0, 1] (or [-1, 1])."""

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from scaleyard.data_loaders.decoders import Compose, ImageDecoder
+from scaleyard.data_loaders.decoders import Compose, ImageDecoder, image_member
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
+from scaleyard.jobs.t2i.metrics import classifier_readout, frechet_distance
 from scaleyard.models.autoencoder import (
     AUTOENCODER_PRESETS,
     autoencoder_kl_config,
@@ -96,7 +98,24 @@ class KLAutoencoderLoss(nn.Module):
 
 
 def image_field(schema: dict[str, str]) -> str:
-    return "image.npy" if "image.npy" in schema else "image.png"
+    return image_member(schema) or "image.png"
+
+
+class LatentMoments:
+    """Running mean and standard deviation of every latent value seen (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.total, self.squares, self.values = 0.0, 0.0, 0
+
+    def add(self, z: torch.Tensor) -> None:
+        z = z.double()
+        self.total += float(z.sum())
+        self.squares += float(z.pow(2).sum())
+        self.values += z.numel()
+
+    def mean_std(self) -> tuple[float, float]:
+        mean = self.total / self.values
+        return mean, math.sqrt(max(self.squares / self.values - mean**2, 1e-12))
 
 
 class AutoencoderJob(Job):
@@ -138,8 +157,9 @@ class AutoencoderJob(Job):
         cfg = self.cfg
         if not cfg.data.eval_path or cfg.eval.samples == 0:
             return EvalResult()
-        psnr_sum, latent_sum, latent_squares, values, count = 0.0, 0.0, 0.0, 0, 0
-        originals, reconstructions = [], []
+        classifier = self._load_classifier() if cfg.eval.classifier else None
+        psnr_sum, count, moments = 0.0, 0, LatentMoments()
+        originals, reconstructions, real_features, fake_features = [], [], [], []
         for batch in eval_images(cfg, self.field, cfg.eval.samples, cfg.eval.batch_size):
             images = batch["image"].to(self.ctx.device)
             z = model.vae.encode(images).latent_dist.mode()
@@ -147,36 +167,27 @@ class AutoencoderJob(Job):
             # PSNR on [0, 1] pixels, per image then averaged (the usual reporting)
             per_image = ((decoded - images) / 2).pow(2).flatten(1).mean(1)
             psnr_sum += float((-10 * torch.log10(per_image.clamp_min(1e-10))).sum())
-            latent_sum, latent_squares = latent_sum + float(z.sum()), latent_squares + float(z.pow(2).sum())
-            values, count = values + z.numel(), count + len(images)
+            moments.add(z)
+            count += len(images)
             if len(originals) < GRID:
                 originals += list(images[: GRID - len(originals)].cpu())
                 reconstructions += list(decoded[: GRID - len(reconstructions)].cpu())
-        mean = latent_sum / values
-        metrics = {"psnr": psnr_sum / count, "latent_mean": mean,
-                   "latent_std": math.sqrt(max(latent_squares / values - mean**2, 0.0))}
+            if classifier is not None:  # reconstructions vs originals in the classifier's feature space
+                real_features.append(classifier_readout(classifier, (images + 1) / 2)[0])
+                fake_features.append(classifier_readout(classifier, (decoded + 1) / 2)[0])
+        mean, std = moments.mean_std()
+        metrics = {"psnr": psnr_sum / count, "latent_mean": mean, "latent_std": std}
+        if classifier is not None:
+            metrics["frechet_distance"] = frechet_distance(np.concatenate(real_features), np.concatenate(fake_features))
         pairs = torch.stack([image for pair in zip(originals, reconstructions) for image in pair])
-        result = EvalResult(metrics=metrics, images={"originals_and_reconstructions": (pairs + 1) / 2})
-        if cfg.eval.classifier:
-            metrics["frechet_distance"] = self._frechet(model)
-        return result
+        return EvalResult(metrics=metrics, images={"originals_and_reconstructions": (pairs + 1) / 2})
 
-    def _frechet(self, model: nn.Module) -> float:
-        """Frechet distance of reconstructions to the originals in the classifier's feature space."""
+    def _load_classifier(self) -> nn.Module:
         from scaleyard.jobs.classify.job import load_classifier
-        from scaleyard.jobs.t2i.metrics import classifier_readout, frechet_distance
 
         if self._classifier is None:
             self._classifier = load_classifier(self.cfg.eval.classifier, self.ctx.device)
-        real, fake = [], []
-        for batch in eval_images(self.cfg, self.field, self.cfg.eval.samples, self.cfg.eval.batch_size):
-            images = batch["image"].to(self.ctx.device)
-            decoded = model.vae.decode(model.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-            real.append(classifier_readout(self._classifier, (images + 1) / 2)[0])
-            fake.append(classifier_readout(self._classifier, (decoded + 1) / 2)[0])
-        import numpy as np
-
-        return frechet_distance(np.concatenate(real), np.concatenate(fake))
+        return self._classifier
 
     @staticmethod
     def flops_per_sample(cfg: DictConfig) -> float:
@@ -209,13 +220,11 @@ class AutoencoderJob(Job):
 @torch.no_grad()
 def latent_stats(vae: nn.Module, cfg: DictConfig, field_name: str) -> tuple[float, float]:
     """Mean and standard deviation of the posterior means over the first training images."""
-    total, squares, values = 0.0, 0.0, 0
+    moments = LatentMoments()
     decode = Compose((ImageDecoder(field=field_name, symmetric=True),))
     for batch in first_samples(load_index(cfg.data.path), decode, cfg.export.stats_samples, 64):
-        z = vae.encode(batch["image"]).latent_dist.mode().double()
-        total, squares, values = total + float(z.sum()), squares + float(z.pow(2).sum()), values + z.numel()
-    mean = total / values
-    return mean, math.sqrt(max(squares / values - mean**2, 1e-12))
+        moments.add(vae.encode(batch["image"]).latent_dist.mode())
+    return moments.mean_std()
 
 
 def eval_images(cfg: DictConfig, field_name: str, count: int, batch: int):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from scaleyard.data_loaders.decoders import Compose, ImageDecoder, JsonDecoder, LabelDecoder
+from scaleyard.data_loaders.decoders import Compose, ImageDecoder, JsonDecoder, LabelDecoder, image_member
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import first_samples
 from scaleyard.platform.config import ConfigError
@@ -47,7 +47,7 @@ def load_selected(path: str, select: str, limit: int, outside: bool = False, sca
     """Up to `limit` images of the split that match `select` (with `outside`: that do not), in
     [-1, 1], [M, C, H, W]."""
     index = load_index(path)
-    image_field = "image.npy" if "image.npy" in index.schema else "image.png"
+    image_field = image_member(index.schema) or "image.png"
     parts: list = [ImageDecoder(field=image_field, symmetric=True)]
     field, value = parse_select(select) if select else ("", "")
     if field == "label":

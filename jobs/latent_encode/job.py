@@ -31,7 +31,7 @@ import torch
 import webdataset as wds
 from omegaconf import DictConfig
 
-from scaleyard.data_loaders.decoders import ImageDecoder
+from scaleyard.data_loaders.decoders import LATENT_FIELD, TEXT_EMBEDDING_FIELD, ImageDecoder, image_member
 from scaleyard.data_loaders.index import INDEX_FILE, DataError, ShardIndex, ShardInfo, load_index, sha256_file
 from scaleyard.data_loaders.pipeline import shard_samples
 from scaleyard.data_loaders.writer import SEEK_EVERY, sample_offsets
@@ -43,8 +43,6 @@ from scaleyard.platform.job import Context, Job
 DTYPES = {"float16": np.float16, "float32": np.float32}
 PASSED_THROUGH = ("txt", "cls", "json")  # copied byte for byte from the source sample
 DONE_DIR = ".encoded"
-LATENT_FIELD = "latent.npy"
-TEXT_FIELD = "text_emb.npy"
 SKIPPED_EXTRA = ("view", "corrupt", "incomplete", "truncated_shards", "image_stats")
 
 
@@ -62,10 +60,10 @@ class Config:
 
 
 def image_field(index: ShardIndex) -> str:
-    for name in ("image.npy", "image.png"):
-        if name in index.schema:
-            return name
-    raise DataError(f"{index.root} holds no images (schema: {', '.join(index.schema)}); give an image split")
+    field_name = image_member(index.schema)
+    if not field_name:
+        raise DataError(f"{index.root} holds no images (schema: {', '.join(index.schema)}); give an image split")
+    return field_name
 
 
 def check_sources(cfg: DictConfig) -> tuple[ShardIndex, Any]:
@@ -144,8 +142,9 @@ class LatentEncodeJob(Job):
                       device: torch.device, out: Path) -> int:
         name = shard_name(number)
         partial = out / f"{name}.partial"
-        decode = EncodeInput(image_field(index), int(autoencoder.vae.config.in_channels))
-        required = (image_field(index),)
+        field_name = image_field(index)
+        decode = EncodeInput(field_name, int(autoencoder.vae.config.in_channels))
+        required = (field_name,)
         dtype = DTYPES[cfg.dtype]
         written, problems, shape = 0, [], []
 
@@ -160,7 +159,7 @@ class LatentEncodeJob(Job):
             for i, sample in enumerate(batch):
                 record = {"__key__": sample["key"], LATENT_FIELD: latents[i], **sample["kept"]}
                 if embeddings is not None:  # the real tokens only (a caption is ~10 of 64): 6x less to store
-                    record[TEXT_FIELD] = embeddings[i, : lengths[i]]
+                    record[TEXT_EMBEDDING_FIELD] = embeddings[i, : lengths[i]]
                 sink.write(record)
 
         pending: list[dict[str, Any]] = []
@@ -224,7 +223,7 @@ def write_latent_index(cfg: DictConfig, source: ShardIndex, out: Path, spec: Any
     schema = {LATENT_FIELD: f"{cfg.dtype}{latent_shape} normalised latents of {spec.folder}"}
     schema.update({k: source.schema[k] for k in PASSED_THROUGH if k in source.schema})
     if cfg.text_encoder:
-        schema[TEXT_FIELD] = (f"{cfg.dtype}[n,384] {cfg.text_encoder} embeddings of the caption's n <= "
+        schema[TEXT_EMBEDDING_FIELD] = (f"{cfg.dtype}[n,384] {cfg.text_encoder} embeddings of the caption's n <= "
                               f"{cfg.text_len} tokens (pad with zeros to {cfg.text_len}, mask False)")
     extra = {k: v for k, v in source.extra.items() if k not in SKIPPED_EXTRA}
     extra.update(latent_shape=latent_shape, source=str(Path(cfg.source).resolve()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from scaleyard.jobs.t2i.latents import cached_text
 from scaleyard.jobs.t2i.metrics import classifier_readout, frechet_distance
 from scaleyard.models.diffusion import flow
 from scaleyard.platform.job import EvalResult
@@ -25,7 +26,7 @@ def evaluate(job, model, step: int) -> EvalResult:
     sums, count = dict.fromkeys(EVAL_TIMES, 0.0), 0
     for batch in eval_stream(cfg, job.geometry, cfg.eval.val_samples, 128):
         images = batch["image"].to(device)
-        tokens, mask = model.encode(batch["caption"], device, _cached(batch))
+        tokens, mask = model.encode(batch["caption"], device, cached_text(batch))
         for t in EVAL_TIMES:
             noise = torch.randn(images.shape, generator=generator).to(device)
             times = torch.full((len(images),), t, device=device)
@@ -39,7 +40,7 @@ def evaluate(job, model, step: int) -> EvalResult:
 
     real = next(eval_stream(cfg, job.geometry, cfg.eval.samples, cfg.eval.samples))
     captions = real["caption"]
-    tokens, mask = model.encode(captions, device, _cached(real))
+    tokens, mask = model.encode(captions, device, cached_text(real))
     null_tokens, null_mask = model.encode([""] * len(captions), device)
     noise = torch.randn(real["image"].shape, generator=generator).to(device)
     generated = flow.sample(model.denoiser, noise, tokens, mask, null_tokens, null_mask, steps=cfg.eval.steps,
@@ -66,10 +67,6 @@ def _classifier(job, run_dir: str, device: torch.device):
 
         job._classifier = load_classifier(run_dir, device)
     return job._classifier
-
-
-def _cached(batch: dict):
-    return (batch["caption_embedding"], batch["caption_mask"]) if "caption_embedding" in batch else None
 
 
 def _decode(job, latents: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from scaleyard.data_loaders.decoders import Compose
+from scaleyard.data_loaders.decoders import TEXT_EMBEDDING_FIELD, Compose
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
-from scaleyard.jobs.t2i.latents import TEXT_FIELD, SplitGeometry, autoencoder_folder, decoders, split_geometry
+from scaleyard.jobs.t2i.latents import SplitGeometry, autoencoder_folder, cached_text, decoders, split_geometry
 from scaleyard.models.diffusion import flow
 from scaleyard.models.diffusion.transformer import (
     SAVED_BEFORE,
@@ -185,7 +185,7 @@ class TextToImageJob(Job):
         if self.geometry.latent:
             autoencoder_folder(cfg, index)  # a split that names no VAE fails before step 1
         decode = Compose(decoders(self.geometry, index))
-        required = (self.field, "txt", *((TEXT_FIELD,) if self.geometry.cached_text else ()))
+        required = (self.field, "txt", *((TEXT_EMBEDDING_FIELD,) if self.geometry.cached_text else ()))
         stream = ShardStream(index, stream_config(cfg), decode=decode, collate=stack,
                              batch_per_rank=batch_per_rank(cfg, ctx.data_world_size),
                              rank=ctx.data_rank, world_size=ctx.data_world_size, required=required)
@@ -205,8 +205,7 @@ class TextToImageJob(Job):
         captions = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop.tolist())]
         t = flow.sample_timesteps(len(images), None, device)
         noise = torch.randn_like(images)
-        cached = (batch["caption_embedding"], batch["caption_mask"]) if "caption_embedding" in batch else None
-        loss = model(images, captions, t, noise, self.cfg.model.process, cached).mean()
+        loss = model(images, captions, t, noise, self.cfg.model.process, cached_text(batch)).mean()
         return loss, {}
 
     def evaluate(self, model: nn.Module, step: int) -> EvalResult:

@@ -12,14 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
-from scaleyard.data_loaders.decoders import CaptionDecoder, ImageDecoder, LabelDecoder, LatentDecoder
+from scaleyard.data_loaders.decoders import (
+    LATENT_FIELD,
+    TEXT_EMBEDDING_FIELD,
+    CaptionDecoder,
+    ImageDecoder,
+    LabelDecoder,
+    LatentDecoder,
+    image_member,
+)
 from scaleyard.data_loaders.index import ShardIndex
 from scaleyard.platform.config import ConfigError
-
-LATENT_FIELD = "latent.npy"
-TEXT_FIELD = "text_emb.npy"
 
 
 @dataclass(frozen=True)
@@ -35,21 +41,27 @@ def split_geometry(index: ShardIndex, cfg: DictConfig, text_len: int) -> SplitGe
         shape = tuple(index.extra["latent_shape"])
         cached = index.extra.get("text_encoder") or {}
         usable = (cfg.model.text_encoder == "minilm" and cached.get("name") == "minilm"
-                  and int(cached.get("text_len", 0)) == text_len and TEXT_FIELD in index.schema)
+                  and int(cached.get("text_len", 0)) == text_len and TEXT_EMBEDDING_FIELD in index.schema)
         return SplitGeometry(LATENT_FIELD, shape, True, usable)
-    field = "image.npy" if "image.npy" in index.schema else "image.png"
-    return SplitGeometry(field, tuple(index.extra.get("image_shape", [1, 28, 28])), False, False)
+    shape = tuple(index.extra.get("image_shape", [1, 28, 28]))
+    return SplitGeometry(image_member(index.schema) or "image.png", shape, False, False)
 
 
 def decoders(geometry: SplitGeometry, index: ShardIndex, labels: bool = False) -> tuple[Any, ...]:
     image = LatentDecoder(geometry.field) if geometry.latent else ImageDecoder(field=geometry.field, symmetric=True)
     caption = CaptionDecoder()
     if geometry.cached_text:
-        caption = CaptionDecoder(embedding_field=TEXT_FIELD, embedding_len=int(index.extra["text_encoder"]["text_len"]))
+        caption = CaptionDecoder(embedding_field=TEXT_EMBEDDING_FIELD,
+                                 embedding_len=int(index.extra["text_encoder"]["text_len"]))
     parts = [image, caption]
     if labels and "cls" in index.schema:
         parts.append(LabelDecoder())
     return tuple(parts)
+
+
+def cached_text(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A batch's cached text embeddings and mask (CaptionDecoder), or None: encode live."""
+    return (batch["caption_embedding"], batch["caption_mask"]) if "caption_embedding" in batch else None
 
 
 def autoencoder_folder(cfg: DictConfig, index: ShardIndex) -> str:
