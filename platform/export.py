@@ -71,6 +71,9 @@ def _engine_weights(ref: CheckpointRef, ema: bool) -> dict[str, torch.Tensor]:
     if engine in ("single", "ddp"):
         return dict(state["ema"] if ema else state["model"])
     if engine == "deepspeed":
+        from scaleyard.platform.engines.deepspeed_engine import import_deepspeed
+
+        import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         model = _saved_buffer_dtypes(get_fp32_state_dict_from_zero_checkpoint(str(ref.path), tag="deepspeed"),

@@ -121,6 +121,13 @@ class Trainer:
         self.loss_value = float("nan")
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            if getattr(self, "engine", None) is not None:
+                self.engine.close()
+
+    def _run(self) -> dict[str, Any]:
         self._start()
         self._build()
         self._restore()

@@ -121,6 +121,9 @@ class Engine:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Release what the engine's library holds, before the process group is destroyed."""
+
     def any_rank(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of boolean flags over ranks: how ranks agree to checkpoint or stop."""
         values = torch.tensor([float(f) for f in flags])

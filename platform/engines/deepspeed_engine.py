@@ -67,14 +67,32 @@ def check_deepspeed(cfg: DictConfig, world_size: int, runs_here: bool = True) ->
     if runs_here and cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.precision': fp16 with DeepSpeed needs a GPU (loss scaling kernels); "
                           "use bf16 or fp32 on CPU")
+    # found, not imported: an import costs several seconds here, paid again by every rank; an
+    # installed but broken DeepSpeed still fails at the ranks' start, in their logs
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("engine.name=deepspeed needs the deepspeed package; pip install deepspeed==0.19.8")
+
+
+def import_deepspeed() -> Any:
+    """`import deepspeed`, without the xgboost its autotuner imports whenever it is installed (the
+    TabDiff evaluation installs it): about 3 of DeepSpeed's 4 s of import time here, in every rank
+    and every export, for a tuner scaleyard never runs. Only DeepSpeed's own import is kept from
+    xgboost; later `import xgboost` works as usual."""
+    import sys
+
+    blocked = "xgboost" not in sys.modules
+    if blocked:
+        sys.modules["xgboost"] = None  # type: ignore[assignment]  # import raises ImportError
     try:
-        import deepspeed  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"engine.name=deepspeed needs the deepspeed package ({err}); "
-                          "pip install deepspeed==0.19.8") from None
+        import deepspeed
+    finally:
+        if blocked and sys.modules.get("xgboost", 0) is None:
+            del sys.modules["xgboost"]
+    return deepspeed
 
 
 def _require_op(builder_name: str, key: str, fix: str) -> None:
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder(builder_name)
@@ -132,6 +150,7 @@ def _skip_cpu_shm_op() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (~100 s) when it
     initialises; it only speeds up CPU collectives, which here serve development and tests. The
     module object must come from importlib: `import deepspeed.comm.torch as m` yields torch's."""
+    import_deepspeed()
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
@@ -173,7 +192,7 @@ class DeepSpeedEngine(DDPEngine):
         # DeepSpeed reads its rank from the environment; srun sets only SLURM_* variables
         for key, value in (("LOCAL_RANK", env.local_rank), ("RANK", env.rank), ("WORLD_SIZE", env.world_size)):
             os.environ.setdefault(key, str(value))
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         self.ds_config = deepspeed_config(cfg, env.world_size)
@@ -184,10 +203,11 @@ class DeepSpeedEngine(DDPEngine):
         self._ema_copy: nn.Module | None = None
         self._sharded_ema: ShardedEMA | None = None
         self._universal: Path | None = None  # the converted folder `load_state` is about to read
+        self._ds_engines: list[Any] = []  # every deepspeed.initialize result, destroyed by close()
 
     def wrap(self, model: nn.Module, frozen: dict[str, nn.Module], tp_plan: Any = None,
              blocks: Blocks | None = None) -> nn.Module:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.ds_config = deepspeed_config(self.cfg, self.env.world_size, sum(p.numel() for p in model.parameters()))
         if self.sharded_params and self.cfg.train.ema_decay > 0:
@@ -199,28 +219,40 @@ class DeepSpeedEngine(DDPEngine):
         for name, module in frozen.items():
             module.to(self.device).eval().requires_grad_(False)
             if self.sharded_params:
-                deepspeed.initialize(model=module, config=_frozen_config(self.ds_config))
+                frozen_engine, _, _, _ = deepspeed.initialize(model=module, config=_frozen_config(self.ds_config))
+                self._ds_engines.append(frozen_engine)
                 log.info("frozen module %r partitioned with ZeRO-3", name)
         self.wrapped = self.module
         return self.module
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> nn.Module:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.wrapped, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=self.ds_config)
+        self._ds_engines.append(self.wrapped)
         self.optimizer = optimizer
         return self.wrapped
 
     def make_ema(self, decay: float) -> EMA:
         if self._ema_copy is None:
             return super().make_ema(decay)
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         shadow, _, _, _ = deepspeed.initialize(model=self._ema_copy, config=_frozen_config(self.ds_config, ema=True))
+        self._ds_engines.append(shadow)
         ema = ShardedEMA(shadow.module, decay)
         self._ema_copy = None
         self._sharded_ema = ema
         return ema
+
+    def close(self) -> None:
+        """Remove DeepSpeed's hooks and release what its engines hold (ZeRO-3 parameter
+        coordinators, group handles) while the process group still exists. Left to interpreter exit,
+        their teardown raced gloo's and a rank could abort after a finished run (seen as SIGABRT,
+        "terminate called without an active exception", on a 2-rank ZeRO-3 run with a frozen
+        reference model)."""
+        while self._ds_engines:
+            self._ds_engines.pop().destroy()
 
     def evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """ZeRO-3 fetches a partitioned parameter only inside its module's forward; evaluation code
@@ -350,6 +382,7 @@ class DeepSpeedEngine(DDPEngine):
 
 def to_universal(source: Path, target: Path) -> None:
     """DeepSpeed's `ds_to_universal` in this process (one worker: no process pool to spawn)."""
+    import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
@@ -367,8 +400,7 @@ def _gathered_for_evaluation(model: nn.Module) -> Iterator[None]:
     """The whole ZeRO-3 model gathered, and kept gathered through forward passes: DeepSpeed's
     module hooks release a module's parameters after its forward even inside GatheredParameters,
     except those flagged as external (its flag for parameters used outside their own module)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         flags = [getattr(p, "is_external_param", False) for p in params]
@@ -384,7 +416,7 @@ def _gathered_for_evaluation(model: nn.Module) -> Iterator[None]:
 def full_state(module: nn.Module, sharded: bool, low_precision: bool = False) -> dict[str, torch.Tensor]:
     """One parameter at a time, to the CPU: gathering a whole ZeRO-3 model at once would need the
     full model on every GPU, which is what ZeRO-3 is there to avoid."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.utils import safe_get_full_fp32_param
 
     out: dict[str, torch.Tensor] = {}
