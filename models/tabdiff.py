@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleyard.models.meta import shapes_only
 from scaleyard.models.tabdiff_schedules import CategoricalSchedule, NumericalSchedule
 from scaleyard.models.transformer import Attention, TimestepEmbedding
 
@@ -358,7 +359,7 @@ class TabDiff(nn.Module):
 
 
 def count_parameters(cfg: TabDiffConfig) -> int:
-    with torch.device("meta"):
+    with shapes_only():
         model = TabDiff(cfg)
     return sum(p.numel() for p in model.parameters())
 

@@ -83,9 +83,11 @@ def sincos_2d(dim: int, side: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"width {dim} must be divisible by 4 for 2-D sin-cos positions")
     quarter = dim // 4
-    omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
-                            indexing="ij")
+    # computed on the CPU whatever the default device: a model built on "meta" to count or plan it
+    # would otherwise send arange through torch's Python decompositions (3 s of imports)
+    cpu = {"dtype": torch.float64, "device": "cpu"}
+    omega = 1.0 / 10_000 ** (torch.arange(quarter, **cpu) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(side, **cpu), torch.arange(side, **cpu), indexing="ij")
     parts = []
     for coord in (ys.flatten(), xs.flatten()):
         angles = coord[:, None] * omega[None]

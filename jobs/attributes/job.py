@@ -25,6 +25,7 @@ from scaleyard.data_loaders.decoders import Compose, ImageDecoder
 from scaleyard.data_loaders.index import load_index
 from scaleyard.data_loaders.pipeline import ShardStream, first_samples, stack
 from scaleyard.models.classifier import ClassifierConfig, ConvClassifier, classifier_flops_per_sample
+from scaleyard.models.meta import shapes_only
 from scaleyard.platform.config import ConfigError, DataConfig, TrainingConfig, batch_per_rank, bounded, stream_config
 from scaleyard.platform.job import Context, EvalResult, Job, JobParts
 from scaleyard.platform.planner import ModelShape
@@ -156,7 +157,7 @@ class Attributes(Job):
     @staticmethod
     def memory_shape(cfg: DictConfig) -> ModelShape:
         """For the planner and `scaleyard models`: parameters only (a small CNN on 3x32x32 shapes)."""
-        with torch.device("meta"):
+        with shapes_only():
             parameters = sum(p.numel() for p in ConvClassifier(model_config(cfg)).parameters())
         return ModelShape(parameters, parameters)
 

@@ -28,6 +28,7 @@ from scaleyard.models.diffusion.transformer import (
     count_parameters,
     flops_per_sample,
 )  # fmt: skip
+from scaleyard.models.meta import shapes_only
 from scaleyard.models.presets import preset
 from scaleyard.models.text_encoder import (
     FrozenMiniLM,
@@ -249,7 +250,7 @@ class TextToImageJob(Job):
 
         d, text = model_configs(cfg)
         minilm = cfg.model.text_encoder == "minilm"
-        with torch.device("meta"):  # counts without allocating; the frozen encoder is only a placeholder
+        with shapes_only():  # counts without allocating; the frozen encoder is only a placeholder
             model = TextToImage(d, text, nn.Identity() if minilm else None)
         blocks = sum(p.numel() for m in model.modules() if isinstance(m, DiTBlock | UViTBlock) for p in m.parameters())
         uvit = d.arch == "uvit"

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import linalg
 
 
 def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^1/2) over feature rows."""
+    from scipy import linalg  # here: every process that lists the jobs imports this module
+
     mu_r, mu_f = real.mean(0), fake.mean(0)
     cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
     root = linalg.sqrtm(cov_r @ cov_f)  # may warn and hold inf/nan when the product is near-singular

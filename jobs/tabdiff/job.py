@@ -33,6 +33,7 @@ from scaleyard.jobs.tabdiff.table import (
     to_frame,
     write_rows,
 )
+from scaleyard.models.meta import shapes_only
 from scaleyard.models.tabdiff import SCHEDULES, TabDiff, TabDiffConfig, flops_per_sample
 from scaleyard.models.tabdiff_sampling import SamplerConfig, impute, sample
 from scaleyard.platform.config import (
@@ -336,7 +337,7 @@ class TabDiffJob(Job):
             except (DataError, ConfigError):
                 rows.append({**row, "note": f"sizes need the table at {cfg.data.path} (scaleyard data build)"})
                 continue
-            with torch.device("meta"):
+            with shapes_only():
                 params = sum(p.numel() for p in TabDiff(config).parameters() if p.requires_grad)
             rows.append({**row, "params": params, "flops_per_sample": flops_per_sample(config),
                          "note": f"{config.columns} columns of {cfg.data.path}"})

@@ -7,15 +7,17 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from scaleyard.data_loaders.decoders import TableDecoder
 from scaleyard.data_loaders.index import INDEX_FILE, DataError, ShardIndex, load_index
 from scaleyard.data_loaders.pipeline import first_samples
+
+if TYPE_CHECKING:  # pandas is imported where used: every process that lists the jobs imports this module
+    import pandas as pd
 
 KINDS = ("numerical", "categorical")
 
@@ -133,6 +135,8 @@ def read_split_holdout(index: ShardIndex, schema: Schema, share: float, salt: st
 
 def to_frame(numerical: torch.Tensor, categorical: torch.Tensor, schema: Schema) -> pd.DataFrame:
     """Tensors -> DataFrame in the schema's column order."""
+    import pandas as pd
+
     data: dict[str, Any] = {}
     num_at = {name: i for i, name in enumerate(schema.numerical)}
     cat_at = {c["name"]: i for i, c in enumerate(schema.categorical)}
@@ -150,6 +154,8 @@ def to_frame(numerical: torch.Tensor, categorical: torch.Tensor, schema: Schema)
 def from_frame(frame: pd.DataFrame, schema: Schema, free: set[str], where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """DataFrame -> (numbers, class indices). Columns in `free` (to be imputed) may be absent or
     hold anything; every other schema column must be present with values the schema allows."""
+    import pandas as pd
+
     missing = [n for n in schema.names if n not in frame.columns and n not in free]
     if missing:
         raise DataError(f"{where} lacks known column(s) {missing}; it needs every column except the imputed ones")
@@ -182,6 +188,8 @@ def from_frame(frame: pd.DataFrame, schema: Schema, free: set[str], where: str) 
 
 def read_rows(path: str | Path, schema: Schema, free: set[str]) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
     """Known rows for imputation from a .csv / .parquet file or a split folder (with index.json)."""
+    import pandas as pd
+
     path = Path(path)
     if path.is_dir() or path.name == INDEX_FILE:
         index = load_index(path)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scaleyard.models.meta import shapes_only
 from scaleyard.models.transformer import MLP, Attention, PatchEmbed, TimestepEmbedding, modulate, sincos_2d, unpatchify
 
 ARCHITECTURES = ("dit_adaln", "dit_cross", "uvit")
@@ -255,7 +256,7 @@ TP_PLAN = {
 
 def count_parameters(cfg: DiffusionTransformerConfig) -> int:
     """Exact trainable parameter count, without allocating the weights (meta device)."""
-    with torch.device("meta"):
+    with shapes_only():
         model = build_model(cfg)
     return sum(p.numel() for p in model.parameters())
 
