@@ -83,3 +83,40 @@ def assert_sampling_uses(run: Path, weights: dict, out: Path, *overrides: str) -
     for k in range(4):
         written = np.asarray(Image.open(out / "samples" / f"{k:06d}.png")).reshape(drawn[k].shape)
         assert np.abs(written.astype(int) - drawn[k]).max() <= 1, k  # float sums differ, pixels by a level at most
+
+
+# --- processes a test module leaves running --------------------------------------------------
+# A run, sweep or SLURM job a test does not wait for keeps training while later tests run: they
+# slow down (one CI run saw a 2 s test take 68 s) and the leak itself is a defect of the test or
+# of the code under test. Reported at the end of the session, naming the module.
+_LEFT_RUNNING: list[str] = []
+
+
+def _scaleyard_processes() -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if "scaleyard" in command and "pytest" not in command:
+            found[int(entry.name)] = command[:160]
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_processes_left_running(request):
+    before = set(_scaleyard_processes())
+    yield
+    left = {pid: command for pid, command in _scaleyard_processes().items() if pid not in before}
+    if left:
+        _LEFT_RUNNING.append(f"{request.module.__name__}: " + "; ".join(f"pid {p}: {c}" for p, c in left.items()))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _LEFT_RUNNING:
+        terminalreporter.section("processes left running after their test module")
+        for line in _LEFT_RUNNING:
+            terminalreporter.write_line(line)

@@ -108,6 +108,9 @@ def test_zero3_offload_and_bf16_train(fmnist, tmp_path, ddp_reference):
     assert weights_sha256(weights) == summary(bf16)["weights_sha256"]
 
 
+# CI budget: the frozen reference's ZeRO-3 partitions are also checked, by default, through the CLI in
+# test_new_job_engines.py (reference_probe); the EMA-export check here runs in the slow tier
+@pytest.mark.slow
 def test_zero3_partitions_trained_and_frozen_reference_models(tmp_path):
     run_dir = tmp_path / "dpo"
     overrides = ["engine.name=deepspeed", "engine.zero_stage=3", "train.steps=40", "train.batch_size=64",
