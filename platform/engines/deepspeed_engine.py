@@ -23,6 +23,7 @@ import importlib
 import io
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,10 @@ def check_deepspeed(cfg: DictConfig, world_size: int, runs_here: bool = True) ->
 
 
 def import_deepspeed() -> Any:
-    """`import deepspeed`, without the xgboost its autotuner imports whenever it is installed (the
-    TabDiff evaluation installs it): about 3 of DeepSpeed's 4 s of import time here, in every rank
-    and every export, for a tuner scaleyard never runs. Only DeepSpeed's own import is kept from
-    xgboost; later `import xgboost` works as usual."""
-    import sys
-
+    """`import deepspeed`, without the xgboost its autotuner imports whenever it is installed (a
+    dependency of scaleyard, for TabDiff's evaluation): about 3 of DeepSpeed's 4 s of import time
+    here, in every rank and every export, for a tuner scaleyard never runs. Only DeepSpeed's own
+    import is kept from xgboost; a later `import xgboost` works as usual."""
     blocked = "xgboost" not in sys.modules
     if blocked:
         sys.modules["xgboost"] = None  # type: ignore[assignment]  # import raises ImportError
