@@ -121,11 +121,16 @@ class Trainer:
         self.loss_value = float("nan")
 
     def run(self) -> dict[str, Any]:
+        # run.deterministic sets a process-wide torch flag; restored afterwards, since code that runs
+        # later in the same process (a sweep driver's BoTorch fits: 2 s -> 59 s) slows down under it
+        deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
         try:
             return self._run()
         finally:
             if getattr(self, "engine", None) is not None:
                 self.engine.close()
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
     def _run(self) -> dict[str, Any]:
         self._start()

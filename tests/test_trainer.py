@@ -87,9 +87,12 @@ def test_ema_keep_last_and_summary(tmp_path, classify_args):
 
 
 def test_wall_clock_checkpoints(tmp_path, classify_args):
+    assert not torch.are_deterministic_algorithms_enabled()
     train(Classify(), classify_args, tmp_path, "train.ckpt_every=0", "train.ckpt_every_minutes=0.000001",
-          "train.keep_checkpoints=100")
+          "train.keep_checkpoints=100")  # with run.deterministic=true, the default
     assert [ref.step for ref in Checkpointer(tmp_path / "checkpoints", 100).all()] == list(range(1, 13))
+    # the process-wide flag is handed back: left on, it made a later BoTorch fit 30x slower
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_bad_config_errors_and_existing_run_untouched(tmp_path, classify_args):
