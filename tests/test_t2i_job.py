@@ -39,10 +39,10 @@ def test_t2i_trains_evaluates_and_logs_samples(tmp_path, fmnist, classifier):
     assert "perf/tflops_per_device" in events.Tags()["scalars"]
 
 
-# CI budget: both in the slow tier; by default, exact resume of a t2i run after SIGKILL is checked
-# under ZeRO-3 in test_engines_deepspeed.py
-@pytest.mark.parametrize("arch", [pytest.param("dit_adaln", marks=pytest.mark.slow),
-                                  pytest.param("dit_cross", marks=pytest.mark.slow)])
+# CI budget: slow tier; by default, exact resume of a t2i run after SIGKILL is checked under ZeRO-3
+# in test_engines_deepspeed.py
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["dit_adaln", "dit_cross"])
 def test_t2i_resume_is_exact(tmp_path, fmnist, arch):
     extra = [f"model.preset={arch}-cpu-xs", "eval.samples=0", "train.steps=12", "train.ckpt_every=4"]
     reference = scaleyard(*t2i_args(fmnist, tmp_path / "ref", *extra))
