@@ -1,4 +1,4 @@
-"""Resolve a job's config and run it: in this process, or as N local processes (torchrun)."""
+"""Resolve a job's config and run it: in this process, or as N local processes (torch's elastic agent)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,35 +254,34 @@ def run_one(prepared: Prepared, env: DistEnv) -> dict:
 
 
 def run_local(prepared: Prepared, nproc: int) -> int:
-    """N local processes through torchrun (gloo on CPU); returns the exit code: 3 when a stop
-    signal (USR1, USR2, TERM) sent to this process made the ranks checkpoint and stop.
+    """N local processes through torch's elastic agent (torchrun's engine, gloo on CPU), run in
+    this process; returns the exit code: 3 when a stop signal (USR1, USR2, TERM) sent to this
+    process made the ranks checkpoint and stop.
 
-    torchrun has no handler for USR1/USR2 (it would die and leave the ranks training) and its
-    workers do not share this process group, so the signal is forwarded to the ranks themselves,
-    which finish their step, agree, checkpoint and exit, as a SLURM job's ranks do."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "scaleyard.platform.cli", "run", prepared.job.name,
-        "--preset", prepared.preset or "", *prepared.overrides, f"run.dir={prepared.cfg.run.dir}",
-    ]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # without it, ranks fight over the cores (5-40x slower)
-    process = subprocess.Popen(command, env=env)
-    forwarded: list[int] = []
+    The agent runs here rather than as a `torchrun` child: that child would import torch a second
+    time (about 3.5 CPU-seconds per launch, before any rank starts). The agent is told to leave
+    TERM alone (TORCHELASTIC_SIGNALS_TO_HANDLE), and it has no handler for USR1/USR2, so those
+    three are forwarded to the ranks themselves, which finish their step, agree, checkpoint and
+    exit, as a SLURM job's ranks do."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    def forward(signum: int, frame: object) -> None:
-        forwarded.append(signum)
-        for pid in _child_pids(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    stop_signals = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, forward) for sig in stop_signals}
-    try:
-        code = process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    config = LaunchConfig(  # what `torchrun --standalone --nproc_per_node=N` sets up
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    args = ("-m", "scaleyard.platform.cli", "run", prepared.job.name, "--preset", prepared.preset or "",
+            *prepared.overrides, f"run.dir={prepared.cfg.run.dir}")
+    with _agent_environment(), _forwarded_stop_signals() as forwarded:
+        try:
+            elastic_launch(config, sys.executable)(*args)
+            code = 0
+        except ChildFailedError as failed:
+            code = max(failure.exitcode for failure in failed.failures.values())
+            code = code if code > 0 else 1  # a rank killed by a signal: torchrun's exit code too
+        except SignalException as interrupted:  # INT, HUP, QUIT: the agent has stopped the ranks
+            log.error("stopped by %s without a checkpoint", signal.Signals(interrupted.sigval).name)
+            code = 128 + interrupted.sigval
     if forwarded and code != 0:
         log.warning("the ranks stopped on %s after checkpointing; resume with the same command",
                     signal.Signals(forwarded[0]).name)
@@ -289,8 +289,50 @@ def run_local(prepared: Prepared, nproc: int) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _agent_environment() -> Iterator[None]:
+    """The environment the agent passes on to the ranks, and which signals it handles itself;
+    both, and the handlers it installs, as they were afterwards."""
+    # without OMP_NUM_THREADS=1, ranks fight over the cores (5-40x slower)
+    saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    agent_signals = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+    handlers = {sig: signal.getsignal(sig) for sig in agent_signals}
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(sig.name for sig in agent_signals)
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _forwarded_stop_signals() -> Iterator[list[int]]:
+    """USR1, USR2 and TERM to this process go on to its children (the ranks); yields the list of
+    those that came."""
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        for pid in _child_pids(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        yield forwarded
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _child_pids(parent: int) -> list[int]:
-    """Processes whose parent is `parent` (the ranks torchrun started), from /proc."""
+    """Processes whose parent is `parent` (the ranks the elastic agent started), from /proc."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
