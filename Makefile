@@ -42,13 +42,16 @@ demo: install system-deps $(DATA)
 # exactly what was started here, the two-node one first (it shares the single-node one's slurmdbd).
 SLURM2_CONF := /var/lib/scaleyard-slurm-2node/slurm.conf
 # `make test-slow` runs the slow tier (long multi-node, elastic-resume, conversion runs) the same way.
-PYTEST_ARGS ?= -q --durations=30
+# One xdist worker per core (at most 4), whole test modules to a worker: a module's fixtures are
+# built once, and the SLURM modules never share a cluster with each other's jobs.
+XDIST := -n auto --maxprocesses=4 --dist loadfile
+PYTEST_ARGS ?= -q --durations=30 $(XDIST)
 test: install system-deps
 	$(VENV)/bin/ruff check .
 	@$(MAKE) --no-print-directory pytest-with-clusters
 
 test-slow: install system-deps
-	@$(MAKE) --no-print-directory pytest-with-clusters PYTEST_ARGS="-q -m slow --durations=30"
+	@$(MAKE) --no-print-directory pytest-with-clusters PYTEST_ARGS="-q -m slow --durations=30 $(XDIST)"
 
 pytest-with-clusters:
 	@started=0; started2=0; \

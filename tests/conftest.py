@@ -88,11 +88,13 @@ def assert_sampling_uses(run: Path, weights: dict, out: Path, *overrides: str) -
 # --- processes a test module leaves running --------------------------------------------------
 # A run, sweep or SLURM job a test does not wait for keeps training while later tests run: they
 # slow down (one CI run saw a 2 s test take 68 s) and the leak itself is a defect of the test or
-# of the code under test. Reported at the end of the session, naming the module.
+# of the code under test. Reported at the end of the session, naming the module. Under xdist each
+# worker counts only processes whose command names its own temporary folder (the other worker's
+# runs are not leaks), and hands its lines to the controller, which prints them.
 _LEFT_RUNNING: list[str] = []
 
 
-def _scaleyard_processes() -> dict[int, str]:
+def _scaleyard_processes(marker: str) -> dict[int, str]:
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -101,18 +103,29 @@ def _scaleyard_processes() -> dict[int, str]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # ended meanwhile
             continue
-        if "scaleyard" in command and "pytest" not in command:
+        if "scaleyard" in command and "pytest" not in command and marker in command:
             found[int(entry.name)] = command[:160]
     return found
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_processes_left_running(request):
-    before = set(_scaleyard_processes())
+def no_processes_left_running(request, tmp_path_factory):
+    marker = str(tmp_path_factory.getbasetemp()) if os.environ.get("PYTEST_XDIST_WORKER") else ""
+    before = set(_scaleyard_processes(marker))
     yield
-    left = {pid: command for pid, command in _scaleyard_processes().items() if pid not in before}
+    left = {pid: command for pid, command in _scaleyard_processes(marker).items() if pid not in before}
     if left:
         _LEFT_RUNNING.append(f"{request.module.__name__}: " + "; ".join(f"pid {p}: {c}" for p, c in left.items()))
+
+
+def pytest_sessionfinish(session) -> None:
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: the controller prints
+        session.config.workeroutput["left_running"] = list(_LEFT_RUNNING)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    _LEFT_RUNNING.extend(getattr(node, "workeroutput", {}).get("left_running", []))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
