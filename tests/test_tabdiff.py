@@ -112,6 +112,8 @@ def test_adult_run_report_samples_and_imputation(tmp_path, tables):
     assert result["compute_flops"] > 0 and result["samples_seen"] == 20 * 64
     report = (run_dir / "report.md").read_text()
     assert "| tabdiff | independent | gaussian_copula |" in report and "pair_trend" in report
+    assert 0.0 <= metrics["paper/imputation_auc"] <= 1.0  # the paper's protocol: eval.impute_trials trials
+    assert "imputation: 2 trial(s) over 200 test rows" in report
 
     out = tmp_path / "rows.csv"
     done = scaleyard("sample", str(run_dir), "--rows", "300", "--out", str(out), "--seed", "1")

@@ -111,6 +111,18 @@ def test_dcr_follows_the_reference_rule(tables):
     assert tied["dcr"] == 0.0 and tied["dcr_ties"] == 1.0
 
 
+def test_imputation_auc_averages_the_drawn_classes_of_every_trial():
+    truth = np.array([1, 0, 1, 0])
+    # row frequencies of class 1: 1, 0, 1/2, 1/2. Micro-averaged over both one-hot columns, positives
+    # score {1, 1, 1/2, 1/2} and negatives {0, 0, 1/2, 1/2}: 12 wins and 4 ties of 16 pairs
+    trials = np.array([[1, 0, 1, 1], [1, 0, 0, 0]])
+    assert pm.imputation_auc_trials(truth, trials, 2) == 0.875
+    assert pm.imputation_auc_trials(truth, np.stack([truth] * 3), 2) == 1.0
+    assert pm.imputation_auc_trials(truth, np.stack([1 - truth] * 3), 2) == 0.0
+    with pytest.raises(ValueError, match=r"need \[trials, 4\]"):
+        pm.imputation_auc_trials(truth, trials[:, :3], 2)
+
+
 def test_mle_grid_and_train_on_synthetic_test_on_real(tables):
     real, synthetic = tables
     assert np.prod([len(v) for v in pm.MLE_GRIDS["paper"].values()]) == 36  # eval/mle/mle.py's grid

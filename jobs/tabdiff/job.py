@@ -35,7 +35,7 @@ from scaleyard.jobs.tabdiff.table import (
 )
 from scaleyard.models.meta import shapes_only
 from scaleyard.models.tabdiff import SCHEDULES, TabDiff, TabDiffConfig, flops_per_sample
-from scaleyard.models.tabdiff_sampling import SamplerConfig, impute, sample
+from scaleyard.models.tabdiff_sampling import Imputation, SamplerConfig, impute, sample
 from scaleyard.platform.config import (
     ConfigError,
     DataConfig,
@@ -79,6 +79,7 @@ class EvalConfig:
     heun: bool = True
     guidance: float = bounded(0.6, 0.0)
     impute_rows: int = bounded(2000, 0)  # test rows whose target is imputed (imputation AUC); 0: skip
+    impute_trials: int = bounded(10, 1)  # imputations per row in the paper-protocol AUC (the paper: 50)
     metrics: bool = True  # False: only generate and check rows (fast smoke runs)
     baselines: bool = True
     batch_size: int = bounded(4096, 1)
@@ -217,7 +218,8 @@ class TabDiffJob(Job):
                 metrics.update({f"{method}/{k}": v for k, v in values.items()})
         text = {}
         if final:
-            paper = self._paper_results(model, train, test, generator) if cfg.eval.paper_metrics else None
+            paper = (self._paper_results(model, train, test, (real_num, real_cat), generator)
+                     if cfg.eval.paper_metrics else None)
             if paper:
                 metrics.update({f"paper/{k}": v for k, v in paper["tabdiff"].items()})
             metrics["eval_seconds"] = time.perf_counter() - started
@@ -231,6 +233,7 @@ class TabDiffJob(Job):
                        "validation": f"{val_rows} train rows held out (eval.val_share={cfg.eval.val_share}, "
                                      f"rule: CRC-32 of '{self.val_salt}/<key>'); never trained on, "
                                      "scored by every evaluation before the last; test scored once, here",
+                       "impute": f"{cfg.eval.impute_trials} trial(s) over {cfg.eval.impute_rows} test rows",
                        "schedule": cfg.model.schedule, "sampler_steps": cfg.eval.steps,
                        "batch_size": cfg.train.batch_size, "deviations": deviations(cfg),
                        "model_deviations": model_deviations(cfg),
@@ -242,9 +245,11 @@ class TabDiffJob(Job):
         metrics["eval_seconds"] = time.perf_counter() - started
         return EvalResult(metrics=metrics, text=text)
 
-    def _paper_results(self, model: TabDiff, train, test, generator: torch.Generator) -> dict[str, dict[str, float]]:
+    def _paper_results(self, model: TabDiff, train, test, test_tensors: tuple[torch.Tensor, torch.Tensor],
+                       generator: torch.Generator) -> dict[str, dict[str, float]]:
         """The paper's protocol (paper_metrics.evaluate_paper) for TabDiff, both baselines and the
-        ceiling: half the test rows scored as if synthetic, the other half their MLE/DCR test set."""
+        ceiling: half the test rows scored as if synthetic, the other half their MLE/DCR test set;
+        and TabDiff's imputation AUC over repeated trials."""
         from scaleyard.jobs.tabdiff.baselines import GaussianCopula, IndependentMarginals
         from scaleyard.jobs.tabdiff.paper_metrics import evaluate_paper
 
@@ -261,6 +266,9 @@ class TabDiffJob(Job):
         half = len(test) // 2
         out[CEILING] = evaluate_paper(train, test.iloc[order[half:]], test.iloc[order[:half]], columns, target,
                                       seed, mle_grid=cfg.eval.mle_grid)
+        imputation = self._imputation_auc_paper(model, *test_tensors, generator)
+        if imputation is not None:
+            out["tabdiff"]["imputation_auc"] = imputation
         return out
 
     def _test_split(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -277,26 +285,56 @@ class TabDiffJob(Job):
                         generator: torch.Generator) -> float | None:
         """AUC of the imputed target's probability of its last class (">50K" for Adult's income),
         all other columns known: only for a binary categorical target."""
+        imputed = self._impute_target(model, test_num, test_cat, generator)
+        if imputed is None:
+            return None
+        from scaleyard.jobs.tabdiff.metrics import imputation_auc
+
+        result, j, truth = imputed
+        categories = self.schema.categorical[j]["categories"]
+        try:
+            return imputation_auc([categories[i] for i in truth.tolist()], result.probabilities[:, j, 1].numpy(),
+                                  categories[1])
+        except ValueError as err:  # a tiny test subset with one class only
+            log.warning("imputation AUC skipped: %s", err)
+            return None
+
+    def _imputation_auc_paper(self, model: TabDiff, test_num: torch.Tensor, test_cat: torch.Tensor,
+                              generator: torch.Generator) -> float | None:
+        """The paper's imputation AUC: eval.impute_trials imputations of the target, their drawn
+        classes averaged (paper_metrics.imputation_auc_trials)."""
+        from scaleyard.jobs.tabdiff.paper_metrics import imputation_auc_trials
+
+        trials, truth, j = [], None, 0
+        for _ in range(self.cfg.eval.impute_trials):
+            imputed = self._impute_target(model, test_num, test_cat, generator)
+            if imputed is None:
+                return None
+            result, j, truth = imputed
+            trials.append(result.categorical[:, j].numpy())
+        try:
+            return imputation_auc_trials(truth.numpy(), np.stack(trials), 2)
+        except ValueError as err:  # a tiny test subset with one class only
+            log.warning("paper imputation AUC skipped: %s", err)
+            return None
+
+    def _impute_target(self, model: TabDiff, test_num: torch.Tensor, test_cat: torch.Tensor,
+                       generator: torch.Generator) -> tuple[Imputation, int, torch.Tensor] | None:
+        """One imputation of a binary categorical target from every other column of the first
+        eval.impute_rows test rows: (the imputation, the target's categorical index, its true
+        classes); None when there is no such target or impute_rows is 0."""
         schema, rows = self.schema, self.cfg.eval.impute_rows
         names = [c["name"] for c in schema.categorical]
         if rows == 0 or schema.target not in names or len(schema.categorical[names.index(schema.target)]
                                                              ["categories"]) != 2:
             return None
-        from scaleyard.jobs.tabdiff.metrics import imputation_auc
-
         j = names.index(schema.target)
         known_cat = torch.ones(len(names), dtype=torch.bool)
         known_cat[j] = False
         known_num = torch.ones(len(schema.numerical), dtype=torch.bool)
         result = impute(model, test_num[:rows], test_cat[:rows], known_num, known_cat, sampler_config(self.cfg),
                         generator, self.ctx.device)
-        categories = schema.categorical[j]["categories"]
-        truth = [categories[i] for i in test_cat[:rows, j].tolist()]
-        try:
-            return imputation_auc(truth, result.probabilities[:, j, 1].numpy(), categories[1])
-        except ValueError as err:  # a tiny test subset with one class only
-            log.warning("imputation AUC skipped: %s", err)
-            return None
+        return result, j, test_cat[:rows, j]
 
     def _baseline_results(self, train, test, rows: int, split: str) -> dict[str, dict[str, float]]:
         """Both baselines scored like TabDiff; they do not change during training: computed once

@@ -25,6 +25,11 @@ have as many rows as train. Per metric:
   included), share of synthetic rows *strictly* closer to train than to the holdout (ties count
   for the holdout, as `dcr_real < dcr_test` there). The paper trains a separate model on a 50/50
   split of all rows for this metric; `dcr_equal_pools` records whether the pools here are equal.
+- imputation_auc (`imputation_auc_trials`): the target imputed from all other columns, repeated
+  (the reference: 50 trials over the whole test split, `tabdiff/trainer.py` test_impute); each
+  trial's imputed class one-hot, averaged over trials into class frequencies, scored by sklearn's
+  micro-averaged ROC AUC against the one-hot truth (`eval_impute.py`). Unlike `metrics.imputation_auc`
+  (one trial, the sampler's own class probabilities), it sees only the drawn classes.
 """
 
 from __future__ import annotations
@@ -313,6 +318,19 @@ def dcr(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, col
     to_train, to_holdout = closest
     return {"dcr": float(np.mean(to_train < to_holdout)), "dcr_ties": float(np.mean(to_train == to_holdout)),
             "dcr_equal_pools": float(equal)}
+
+
+def imputation_auc_trials(truth: np.ndarray, trials: np.ndarray, classes: int) -> float:
+    """Micro-averaged ROC AUC of a categorical target's imputations: `truth` [N] class indices,
+    `trials` [R, N] the class each of R imputation trials drew for each row."""
+    from sklearn.metrics import roc_auc_score
+
+    truth, trials = np.asarray(truth), np.asarray(trials)
+    if trials.ndim != 2 or trials.shape[1] != len(truth):
+        raise ValueError(f"imputation_auc_trials: trials have shape {trials.shape}, need [trials, {len(truth)}]")
+    eye = np.eye(classes)
+    frequencies = eye[trials].mean(0)  # [N, classes]: how often each row was imputed as each class
+    return float(roc_auc_score(eye[truth], frequencies, average="micro"))
 
 
 def evaluate_paper(train: pd.DataFrame, test: pd.DataFrame, synthetic: pd.DataFrame, columns: list[dict],

@@ -10,7 +10,8 @@ from typing import Any
 COLUMNS = (
     ("shape_error_pct", "shape error %"), ("trend_error_pct", "trend error %"), ("c2st", "C2ST"),
     ("alpha_precision", "alpha-precision"), ("beta_recall", "beta-recall"), ("mle_auc", "MLE AUC"),
-    ("dcr", "DCR (strictly closer to train)"), ("c2st_pairs", "C2ST with pair features (ours)"),
+    ("dcr", "DCR (strictly closer to train)"), ("imputation_auc", "imputation AUC"),
+    ("c2st_pairs", "C2ST with pair features (ours)"),
 )
 # The paper's published Adult numbers (arXiv 2410.20626, ICLR 2025), by method. Left empty: no
 # metric for Adult could be read from the paper itself in the sources this project can reach, and
@@ -41,7 +42,8 @@ def comparability(method: str, context: dict[str, Any]) -> tuple[str, str]:
         blocking.append("denoiser or loss deviates from the reference: " + context["model_deviations"])
     caveats = ["EMA and LR schedule per step (reference: per epoch)",
                "DCR: the paper trains a separate model on a 50/50 split; here train and test pools are the "
-               "standard split's", "one sample and one seed (the paper averages 20 samples)"]
+               "standard split's", "one sample and one seed (the paper averages 20 samples)",
+               f"imputation: {context.get('impute', '?')} (paper: 50 trials over the whole test split)"]
     return ("no" if blocking else "partly"), "; ".join(blocking + caveats)
 
 
@@ -57,7 +59,8 @@ def paper_section(results: dict[str, dict[str, float]], context: dict[str, Any])
     lines = ["## The paper's protocol, beside the paper's Adult numbers", "",
              "Fidelity (shape, trend, C2ST, alpha/beta) against the train split, MLE (XGBoost, the reference's "
              "grid tuned on a 1/9 split of the synthetic rows) and DCR on the test split, as the reference code "
-             "computes them (scaleyard.jobs.tabdiff.paper_metrics). The ceiling row is half the real test split "
+             "computes them (scaleyard.jobs.tabdiff.paper_metrics); imputation AUC from the classes drawn by repeated "
+             "imputations of the target, as `eval_impute.py`. The ceiling row is half the real test split "
              "scored as if it were synthetic (its other half is its MLE/DCR test set).", "",
              head, "|" + "---|" * (len(COLUMNS) + 4)]
     for method, scores in results.items():
