@@ -133,3 +133,19 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("processes left running after their test module")
         for line in _LEFT_RUNNING:
             terminalreporter.write_line(line)
+
+
+# --- module order for xdist ----------------------------------------------------------------------
+# `make test` hands whole modules to its workers in collection order; a long module handed out last
+# keeps one worker busy while the other idles. The longest ones (each 50-110 s of the default tier,
+# `--durations=0` on 2 cores, 2026-12-02) therefore go first, longest first; the rest keep their
+# alphabetical order. A stale list only costs balance, never a test.
+LONGEST_MODULES = ("test_engines_megatron", "test_latents", "test_engines_deepspeed", "test_t2i_job", "test_fspo",
+                   "test_job_authoring", "test_slurm", "test_sweep_mobo", "test_tfg_flow", "test_run_folder",
+                   "test_tabdiff", "test_new_job_engines", "test_resume", "test_signals", "test_multinode",
+                   "test_ppd")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a rank kept
