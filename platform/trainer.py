@@ -121,8 +121,8 @@ class Trainer:
         self.loss_value = float("nan")
 
     def run(self) -> dict[str, Any]:
-        # run.deterministic sets a process-wide torch flag; restored afterwards, since code that runs
-        # later in the same process (a sweep driver's BoTorch fits: 2 s -> 59 s) slows down under it
+        # run.deterministic sets a process-wide torch flag; restored afterwards, so that code running
+        # later in the same process (stages, a driver, the next in-process run) gets the kernels it chose
         deterministic = (torch.are_deterministic_algorithms_enabled(),
                          torch.is_deterministic_algorithms_warn_only_enabled())
         try:

@@ -91,7 +91,7 @@ def test_wall_clock_checkpoints(tmp_path, classify_args):
     train(Classify(), classify_args, tmp_path, "train.ckpt_every=0", "train.ckpt_every_minutes=0.000001",
           "train.keep_checkpoints=100")  # with run.deterministic=true, the default
     assert [ref.step for ref in Checkpointer(tmp_path / "checkpoints", 100).all()] == list(range(1, 13))
-    # the process-wide flag is handed back: left on, it made a later BoTorch fit 30x slower
+    # the process-wide flag is handed back: a run does not change the kernels later code in the process gets
     assert not torch.are_deterministic_algorithms_enabled()
 
 
