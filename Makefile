@@ -43,7 +43,8 @@ demo: install system-deps $(DATA)
 SLURM2_CONF := /var/lib/scaleyard-slurm-2node/slurm.conf
 # `make test-slow` runs the slow tier (long multi-node, elastic-resume, conversion runs) the same way.
 # One xdist worker per core (at most 4), whole test modules to a worker: a module's fixtures are
-# built once, and the SLURM modules never share a cluster with each other's jobs.
+# built once, and the SLURM modules never share a cluster with each other's jobs. The slow tier
+# stays on one process: its multi-node and elastic runs have not been tried side by side.
 XDIST := -n auto --maxprocesses=4 --dist loadfile
 PYTEST_ARGS ?= -q --durations=30 $(XDIST)
 test: install system-deps
@@ -51,7 +52,7 @@ test: install system-deps
 	@$(MAKE) --no-print-directory pytest-with-clusters
 
 test-slow: install system-deps
-	@$(MAKE) --no-print-directory pytest-with-clusters PYTEST_ARGS="-q -m slow --durations=30 $(XDIST)"
+	@$(MAKE) --no-print-directory pytest-with-clusters PYTEST_ARGS="-q -m slow --durations=30"
 
 pytest-with-clusters:
 	@started=0; started2=0; \
