@@ -141,7 +141,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 # `--durations=0` on 2 cores, 2026-12-02) therefore go first, longest first; the rest keep their
 # alphabetical order. A stale list only costs balance, never a test.
 LONGEST_MODULES = ("test_engines_megatron", "test_latents", "test_engines_deepspeed", "test_t2i_job", "test_fspo",
-                   "test_job_authoring", "test_slurm", "test_sweep_mobo", "test_tfg_flow", "test_run_folder",
+                   "test_job_authoring", "test_slurm", "test_tfg_flow", "test_run_folder",
                    "test_tabdiff", "test_new_job_engines", "test_resume", "test_signals", "test_multinode",
                    "test_ppd")
 
