@@ -277,8 +277,10 @@ def run_local(prepared: Prepared, nproc: int) -> int:
             elastic_launch(config, sys.executable)(*args)
             code = 0
         except ChildFailedError as failed:
+            # the rank that failed first keeps its own code (2: bad input, 3: stopped); the agent then
+            # kills the others, whose codes are negative
             code = max(failure.exitcode for failure in failed.failures.values())
-            code = code if code > 0 else 1  # a rank killed by a signal: torchrun's exit code too
+            code = code if code > 0 else 1  # every rank killed by a signal: torchrun's exit code too
         except SignalException as interrupted:  # INT, HUP, QUIT: the agent has stopped the ranks
             log.error("stopped by %s without a checkpoint", signal.Signals(interrupted.sigval).name)
             code = 128 + interrupted.sigval
