@@ -285,16 +285,16 @@ class TabDiffJob(Job):
                         generator: torch.Generator) -> float | None:
         """AUC of the imputed target's probability of its last class (">50K" for Adult's income),
         all other columns known: only for a binary categorical target."""
-        imputed = self._impute_target(model, test_num, test_cat, generator)
-        if imputed is None:
+        j = self._binary_target()
+        if j is None:
             return None
         from scaleyard.jobs.tabdiff.metrics import imputation_auc
 
-        result, j, truth = imputed
+        result = self._impute_target(model, test_num, test_cat, j, generator)
         categories = self.schema.categorical[j]["categories"]
+        truth = [categories[i] for i in test_cat[: self.cfg.eval.impute_rows, j].tolist()]
         try:
-            return imputation_auc([categories[i] for i in truth.tolist()], result.probabilities[:, j, 1].numpy(),
-                                  categories[1])
+            return imputation_auc(truth, result.probabilities[:, j, 1].numpy(), categories[1])
         except ValueError as err:  # a tiny test subset with one class only
             log.warning("imputation AUC skipped: %s", err)
             return None
@@ -303,38 +303,39 @@ class TabDiffJob(Job):
                               generator: torch.Generator) -> float | None:
         """The paper's imputation AUC: eval.impute_trials imputations of the target, their drawn
         classes averaged (paper_metrics.imputation_auc_trials)."""
+        j = self._binary_target()
+        if j is None:
+            return None
         from scaleyard.jobs.tabdiff.paper_metrics import imputation_auc_trials
 
-        trials, truth, j = [], None, 0
-        for _ in range(self.cfg.eval.impute_trials):
-            imputed = self._impute_target(model, test_num, test_cat, generator)
-            if imputed is None:
-                return None
-            result, j, truth = imputed
-            trials.append(result.categorical[:, j].numpy())
+        trials = [self._impute_target(model, test_num, test_cat, j, generator).categorical[:, j].numpy()
+                  for _ in range(self.cfg.eval.impute_trials)]
         try:
-            return imputation_auc_trials(truth.numpy(), np.stack(trials), 2)
+            return imputation_auc_trials(test_cat[: self.cfg.eval.impute_rows, j].numpy(), np.stack(trials), 2)
         except ValueError as err:  # a tiny test subset with one class only
             log.warning("paper imputation AUC skipped: %s", err)
             return None
 
-    def _impute_target(self, model: TabDiff, test_num: torch.Tensor, test_cat: torch.Tensor,
-                       generator: torch.Generator) -> tuple[Imputation, int, torch.Tensor] | None:
-        """One imputation of a binary categorical target from every other column of the first
-        eval.impute_rows test rows: (the imputation, the target's categorical index, its true
-        classes); None when there is no such target or impute_rows is 0."""
-        schema, rows = self.schema, self.cfg.eval.impute_rows
+    def _binary_target(self) -> int | None:
+        """The target's index among the categorical columns when it is binary categorical and
+        eval.impute_rows > 0 (the imputation metrics' condition); otherwise None."""
+        schema = self.schema
         names = [c["name"] for c in schema.categorical]
-        if rows == 0 or schema.target not in names or len(schema.categorical[names.index(schema.target)]
-                                                             ["categories"]) != 2:
+        if self.cfg.eval.impute_rows == 0 or schema.target not in names:
             return None
         j = names.index(schema.target)
-        known_cat = torch.ones(len(names), dtype=torch.bool)
+        return j if len(schema.categorical[j]["categories"]) == 2 else None
+
+    def _impute_target(self, model: TabDiff, test_num: torch.Tensor, test_cat: torch.Tensor, j: int,
+                       generator: torch.Generator) -> Imputation:
+        """One imputation of categorical column j from every other column of the first
+        eval.impute_rows test rows."""
+        rows = self.cfg.eval.impute_rows
+        known_cat = torch.ones(len(self.schema.categorical), dtype=torch.bool)
         known_cat[j] = False
-        known_num = torch.ones(len(schema.numerical), dtype=torch.bool)
-        result = impute(model, test_num[:rows], test_cat[:rows], known_num, known_cat, sampler_config(self.cfg),
-                        generator, self.ctx.device)
-        return result, j, test_cat[:rows, j]
+        known_num = torch.ones(len(self.schema.numerical), dtype=torch.bool)
+        return impute(model, test_num[:rows], test_cat[:rows], known_num, known_cat, sampler_config(self.cfg),
+                      generator, self.ctx.device)
 
     def _baseline_results(self, train, test, rows: int, split: str) -> dict[str, dict[str, float]]:
         """Both baselines scored like TabDiff; they do not change during training: computed once
